@@ -1,0 +1,69 @@
+"""Batch layout: which model rows belong to which sequence, and left-padded prefill inputs.
+
+A CoLD sequence owns two rows of the model batch, an expert row and an amateur row; an
+`expert` or `base` sequence owns one. Rows are laid out as all expert rows (one per sequence,
+in sequence order) followed by the amateur rows of the contrastive sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EXPERT, AMATEUR = "expert", "amateur"
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    seq: int  # index of the sequence this row belongs to
+    role: str  # EXPERT or AMATEUR
+    adapter: int  # adapter stack index, -1 = base weights only
+    scale: float  # LoRA scale multiplier (0 for the bare base model)
+
+
+@dataclass
+class RowLayout:
+    rows: list[RowSpec]
+    expert_row: torch.Tensor  # [S] row index of each sequence's expert row
+    amateur_row: torch.Tensor  # [S] row index of its amateur row (its expert row if it has none)
+    adapter: torch.Tensor  # [R] long
+    scale: torch.Tensor  # [R] float
+
+    @classmethod
+    def build(cls, rows: list[RowSpec], num_seqs: int, device) -> "RowLayout":
+        expert = [0] * num_seqs
+        amateur = [None] * num_seqs
+        for index, row in enumerate(rows):
+            if row.role == EXPERT:
+                expert[row.seq] = index
+            else:
+                amateur[row.seq] = index
+        amateur = [e if a is None else a for e, a in zip(expert, amateur)]
+        return cls(
+            rows=rows,
+            expert_row=torch.tensor(expert, dtype=torch.long, device=device),
+            amateur_row=torch.tensor(amateur, dtype=torch.long, device=device),
+            adapter=torch.tensor([r.adapter for r in rows], dtype=torch.long, device=device),
+            scale=torch.tensor([r.scale for r in rows], dtype=torch.float32, device=device),
+        )
+
+    def keep(self, kept_seqs: list[int], device) -> tuple["RowLayout", torch.Tensor]:
+        """Layout for a subset of sequences (renumbered 0..), and the old row index of each new row."""
+        renumber = {old: new for new, old in enumerate(kept_seqs)}
+        kept = [(i, r) for i, r in enumerate(self.rows) if r.seq in renumber]
+        old_rows = torch.tensor([i for i, _ in kept], dtype=torch.long, device=device)
+        rows = [RowSpec(renumber[r.seq], r.role, r.adapter, r.scale) for _, r in kept]
+        return RowLayout.build(rows, len(kept_seqs), device), old_rows
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: input_ids, attention_mask and position_ids, each [R, L]."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, length - len(seq) :] = 1
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)

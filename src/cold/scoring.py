@@ -1,0 +1,89 @@
+"""Pure tensor functions that turn next-token logits into the next token.
+
+Shapes: S sequences, V vocabulary entries. `expert` and `amateur` are raw logits [S, V];
+per-sequence parameters are tensors [S] (so one batch can mix settings).
+
+    valid(i)  =  s_e[i] >= log(alpha) + max_k s_e[k]
+    score[i]  =  (1 + beta) * s_e[i] - beta * s_a[i]    if valid(i) else -inf    ("logit" form)
+    score[i]  =  log p_e[i] - beta/(1+beta) * log p_a[i]  if valid(i) else -inf    ("logprob" form, Li et al.)
+
+alpha = 0 disables the mask; beta = 0 gives back the expert's own logits exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORING_FORMS = ("logit", "logprob")
+NEG_INF = float("-inf")
+
+
+def plausibility_mask(expert: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """[S, V] bool: tokens whose expert probability is at least alpha times the top one."""
+    threshold = torch.log(alpha.to(expert.dtype))[:, None] + expert.max(dim=-1, keepdim=True).values
+    return expert >= threshold
+
+
+def contrastive_scores(
+    expert: torch.Tensor,
+    amateur: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    form: str = "logit",
+) -> torch.Tensor:
+    """[S, V] CoLD scores, -inf outside the plausibility mask."""
+    beta = beta.to(expert.dtype)[:, None]
+    if form == "logit":
+        score = (1 + beta) * expert - beta * amateur
+    elif form == "logprob":
+        score = torch.log_softmax(expert, dim=-1) - (beta / (1 + beta)) * torch.log_softmax(amateur, dim=-1)
+    else:
+        raise ValueError(f"scoring form must be one of {SCORING_FORMS}, got {form!r}")
+    return score.masked_fill(~plausibility_mask(expert, alpha), NEG_INF)
+
+
+def apply_temperature(score: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return score / temperature.to(score.dtype)[:, None]
+
+
+def apply_top_k(score: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k best entries per row (k <= 0 keeps all)."""
+    vocab = score.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    sorted_scores = score.sort(dim=-1, descending=True).values
+    kth = sorted_scores.gather(-1, (k - 1)[:, None])  # [S, 1]
+    return score.masked_fill(score < kth, NEG_INF)
+
+
+def apply_top_p(score: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of best entries whose probability reaches top_p (at least one)."""
+    sorted_scores, order = score.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better entries
+    drop_sorted = mass_before >= top_p.to(probs.dtype)[:, None]
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return score.masked_fill(drop, NEG_INF)
+
+
+def pick_greedy(score: torch.Tensor) -> torch.Tensor:
+    """[S] index of the best score."""
+    return score.argmax(dim=-1)
+
+
+def pick_sample(
+    score: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """[S] sampled index from softmax(score / temperature) after top-k and top-p."""
+    warped = apply_top_p(apply_top_k(apply_temperature(score, temperature), top_k), top_p)
+    probs = torch.softmax(warped.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def beam_log_probs(score: torch.Tensor) -> torch.Tensor:
+    """[S, V] log-softmax of the score over the valid set (-inf outside), for ranking beams."""
+    return torch.log_softmax(score.float(), dim=-1)

@@ -1,0 +1,104 @@
+"""Shared fixtures: the real default model (loaded once), a tiny random Llama, random PEFT LoRAs."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from cold.lora import uninstall_adapters
+from cold.models import BaseModel, load_base
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> BaseModel:
+    """The built-in default model (SmolLM2-135M-Instruct from its GGUF), loaded once per session."""
+    return load_base("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2) -> Path:
+    """A tiny randomly initialised Llama saved as a Hugging Face directory (with SmolLM2's tokenizer)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir) -> BaseModel:
+    return load_base(str(tiny_dir))
+
+
+def make_lora(model, path: Path, targets=ALL_LINEAR, r: int = 8, alpha: int = 16, rslora: bool = False, seed: int = 0, std: float | None = None):
+    """Save a random PEFT LoRA (non-zero B) for `model` at `path`; return the PeftModel (on a copy)."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora, init_lora_weights=False)
+    plain = copy.deepcopy(model)
+    uninstall_adapters(plain)  # an Engine may have wrapped the shared model's layers
+    peft_model = get_peft_model(plain, config)
+    if std is not None:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=std)
+    peft_model.save_pretrained(path)
+    peft_model.eval()
+    return peft_model
+
+
+def reference_cold_greedy(peft_model, prompt_ids: list[int], alpha: float, beta: float, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """The straightforward CoLD: two forward passes per step, two caches, PEFT's disable_adapter()."""
+    with torch.no_grad():
+        x = torch.tensor([prompt_ids])
+        cache_e, cache_a = DynamicCache(), DynamicCache()
+        s_e = peft_model(input_ids=x, past_key_values=cache_e, use_cache=True).logits[0, -1]
+        with peft_model.disable_adapter():
+            s_a = peft_model(input_ids=x, past_key_values=cache_a, use_cache=True).logits[0, -1]
+        out = []
+        for _ in range(max_new_tokens):
+            valid = s_e >= math.log(alpha) + s_e.max()
+            score = torch.where(valid, (1 + beta) * s_e - beta * s_a, torch.tensor(float("-inf")))
+            token = int(score.argmax())
+            out.append(token)
+            if token in eos:
+                break
+            x = torch.tensor([[token]])
+            s_e = peft_model(input_ids=x, past_key_values=cache_e, use_cache=True).logits[0, -1]
+            with peft_model.disable_adapter():
+                s_a = peft_model(input_ids=x, past_key_values=cache_a, use_cache=True).logits[0, -1]
+        return out
+
+
+def peft_greedy(peft_model, prompt_ids: list[int], max_new_tokens: int, eos: set[int], adapter: bool = True) -> list[int]:
+    """Greedy decoding by transformers' own generate() on the PEFT model (or its base)."""
+    with torch.no_grad():
+        kwargs = dict(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
+        if adapter:
+            out = peft_model.generate(**kwargs)
+        else:
+            with peft_model.disable_adapter():
+                out = peft_model.generate(**kwargs)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,176 @@
+"""CoLD decoding against straightforward references, on the real default model with a random LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cold.adapters import read_adapter
+from cold.engine import Engine
+from conftest import make_lora, peft_greedy, reference_cold_greedy
+
+PROMPTS = [
+    "The capital of France is",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "def fibonacci(n):",
+    "Once upon a time",
+]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def lora(smollm2, tmp_path_factory):
+    """A random LoRA on every linear layer of the real model, and its PEFT oracle."""
+    path = tmp_path_factory.mktemp("lora")
+    return path, make_lora(smollm2.model, path, r=8, alpha=16, std=0.03, seed=7)
+
+
+@pytest.fixture
+def engine(smollm2, lora):
+    return Engine(smollm2, [read_adapter(lora[0])])
+
+
+def ids_of(engine, prompt):
+    return engine.tokenizer(prompt).input_ids
+
+
+def test_cold_greedy_equals_two_pass_reference(engine, lora):
+    for prompt in PROMPTS[:3]:
+        for alpha, beta in [(0.1, 0.5), (0.3, 1.0)]:
+            expected = reference_cold_greedy(lora[1], ids_of(engine, prompt), alpha, beta, NEW, engine.eos_ids)
+            got = engine.generate(prompt, decoder="cold", alpha=alpha, beta=beta, max_new_tokens=NEW)[0]
+            assert got.token_ids == expected, (prompt, alpha, beta)
+
+
+def test_cold_differs_from_expert(engine):
+    cold = engine.generate(PROMPTS, decoder="cold", beta=1.0, max_new_tokens=NEW)
+    expert = engine.generate(PROMPTS, decoder="expert", max_new_tokens=NEW)
+    assert any(c.token_ids != e.token_ids for c, e in zip(cold, expert))
+
+
+def test_batch_of_different_lengths_equals_each_alone(engine):
+    for decoder in ("cold", "expert", "base"):
+        together = engine.generate(PROMPTS, decoder=decoder, max_new_tokens=NEW)
+        for prompt, got in zip(PROMPTS, together):
+            alone = engine.generate([prompt], decoder=decoder, max_new_tokens=NEW)[0]
+            assert got.token_ids == alone.token_ids, (decoder, prompt)
+            assert got.text == alone.text
+
+
+def test_beta_zero_equals_expert_greedy_and_transformers(engine, lora):
+    for prompt in PROMPTS:
+        cold0 = engine.generate(prompt, decoder="cold", beta=0.0, max_new_tokens=NEW)[0]
+        expert = engine.generate(prompt, decoder="expert", max_new_tokens=NEW)[0]
+        assert cold0.token_ids == expert.token_ids
+        assert expert.token_ids == peft_greedy(lora[1], ids_of(engine, prompt), NEW, engine.eos_ids)
+
+
+def test_base_decoder_equals_transformers_greedy(engine, lora):
+    for prompt in PROMPTS[:2]:
+        base = engine.generate(prompt, decoder="base", max_new_tokens=NEW)[0]
+        assert base.token_ids == peft_greedy(lora[1], ids_of(engine, prompt), NEW, engine.eos_ids, adapter=False)
+
+
+def test_every_cold_token_satisfies_the_alpha_mask(engine, lora):
+    alpha = 0.2
+    for prompt in PROMPTS:
+        prompt_ids = ids_of(engine, prompt)
+        got = engine.generate(prompt, decoder="cold", alpha=alpha, beta=2.0, max_new_tokens=NEW)[0]
+        with torch.no_grad():
+            logits = lora[1](input_ids=torch.tensor([prompt_ids + got.token_ids])).logits[0]
+        for step, token in enumerate(got.token_ids):
+            expert = logits[len(prompt_ids) - 1 + step]
+            assert expert[token] >= math.log(alpha) + expert.max() - 1e-4
+
+
+def test_logprob_form_matches_logit_form_greedy(engine):
+    for prompt in PROMPTS[:2]:
+        a = engine.generate(prompt, decoder="cold", scoring="logit", beta=0.5, max_new_tokens=NEW)[0]
+        b = engine.generate(prompt, decoder="cold", scoring="logprob", beta=0.5, max_new_tokens=NEW)[0]
+        assert a.token_ids == b.token_ids
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    kwargs = dict(decoder="cold", do_sample=True, temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=NEW)
+    first = engine.generate(PROMPTS[:2], seed=123, **kwargs)
+    again = engine.generate(PROMPTS[:2], seed=123, **kwargs)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    others = [engine.generate(PROMPTS[:2], seed=s, **kwargs) for s in range(1, 4)]
+    assert any([g.token_ids for g in o] != [g.token_ids for g in first] for o in others)
+
+
+def test_beam_search_with_one_beam_equals_greedy(engine):
+    for decoder in ("cold", "expert"):
+        greedy = engine.generate(PROMPTS, decoder=decoder, max_new_tokens=NEW)
+        beam = engine.generate(PROMPTS, decoder=decoder, num_beams=1, max_new_tokens=NEW)
+        assert [g.token_ids for g in beam] == [g.token_ids for g in greedy]
+
+
+def test_beam_search_expert_equals_transformers(engine, lora):
+    """Expert beam search agrees with transformers' own beam search on the PEFT model."""
+    for prompt in PROMPTS[:2]:
+        prompt_ids = ids_of(engine, prompt)
+        got = engine.generate(prompt, decoder="expert", num_beams=3, max_new_tokens=NEW)[0]
+        with torch.no_grad():
+            out = lora[1].generate(
+                input_ids=torch.tensor([prompt_ids]), num_beams=3, do_sample=False, max_new_tokens=NEW,
+                early_stopping=True, length_penalty=1.0, eos_token_id=sorted(engine.eos_ids), pad_token_id=2,
+            )
+        assert got.token_ids == out[0, len(prompt_ids):].tolist()
+
+
+def test_cold_beam_search_keeps_the_mask(engine, lora):
+    prompt = PROMPTS[0]
+    prompt_ids = ids_of(engine, prompt)
+    got = engine.generate(prompt, decoder="cold", alpha=0.2, num_beams=3, max_new_tokens=NEW)[0]
+    assert got.token_ids and got.finish_reason in ("stop", "length")
+    with torch.no_grad():
+        logits = lora[1](input_ids=torch.tensor([prompt_ids + got.token_ids])).logits[0]
+    for step, token in enumerate(got.token_ids):
+        expert = logits[len(prompt_ids) - 1 + step]
+        assert expert[token] >= math.log(0.2) + expert.max() - 1e-4
+
+
+def test_max_new_tokens_gives_length_and_exact_count(engine):
+    got = engine.generate(PROMPTS[3], decoder="base", max_new_tokens=5)[0]
+    assert got.finish_reason == "length" and len(got.token_ids) == 5
+
+
+def test_stop_strings_end_the_text(engine):
+    full = engine.generate(PROMPTS[0], decoder="base", max_new_tokens=NEW)[0]
+    words = full.text.split()
+    assert len(words) >= 3
+    stop = " " + words[2]
+    got = engine.generate(PROMPTS[0], decoder="base", max_new_tokens=NEW, stop=[stop, "never-appears"])[0]
+    assert got.finish_reason == "stop"
+    assert stop not in got.text and full.text.startswith(got.text)
+    assert len(got.token_ids) < len(full.token_ids)
+
+
+def test_eos_ends_a_chat_answer_with_stop(smollm2):
+    engine = Engine(smollm2)
+    got = engine.generate("What is the capital of France?", decoder="base", chat=True, max_new_tokens=40)[0]
+    assert got.finish_reason == "stop" and got.token_ids[-1] in engine.eos_ids
+    assert "Paris" in got.text
+
+
+def test_streaming_yields_the_same_text_and_ids(engine):
+    generated = engine.generate(PROMPTS[:2], decoder="cold", max_new_tokens=NEW, stop=["."])
+    texts, ids, reasons = ["", ""], [[], []], [None, None]
+    for event in engine.stream(PROMPTS[:2], decoder="cold", max_new_tokens=NEW, stop=["."]):
+        assert reasons[event.index] is None, "no events after a prompt finished"
+        texts[event.index] += event.text
+        ids[event.index] += event.token_ids
+        reasons[event.index] = event.finish_reason
+    assert texts == [g.text for g in generated]
+    assert ids == [g.token_ids for g in generated]
+    assert reasons == [g.finish_reason for g in generated]
+
+
+def test_amateur_can_be_the_adapter_at_a_lower_scale(engine):
+    """amateur_scale=1 with beta makes score == expert logits: output equals expert greedy."""
+    same = engine.generate(PROMPTS[0], decoder="cold", amateur_scale=1.0, beta=0.7, max_new_tokens=NEW)[0]
+    expert = engine.generate(PROMPTS[0], decoder="expert", max_new_tokens=NEW)[0]
+    assert same.token_ids == expert.token_ids
