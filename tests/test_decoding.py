@@ -174,3 +174,53 @@ def test_amateur_can_be_the_adapter_at_a_lower_scale(engine):
     same = engine.generate(PROMPTS[0], decoder="cold", amateur_scale=1.0, beta=0.7, max_new_tokens=NEW)[0]
     expert = engine.generate(PROMPTS[0], decoder="expert", max_new_tokens=NEW)[0]
     assert same.token_ids == expert.token_ids
+
+
+def test_sequences_joining_and_leaving_a_running_batch_decode_as_alone(engine):
+    """Continuous batching: rows that join mid-run, or leave early, do not change anyone's tokens."""
+    from cold.params import DecodeParams
+    from cold.running import RunningBatch
+
+    plan = [(PROMPTS[0], "cold"), (PROMPTS[1], "expert"), (PROMPTS[2], "cold"), (PROMPTS[3], "base")]
+    requests = [engine.make_request(p, DecodeParams(decoder=d, max_new_tokens=NEW)) for p, d in plan]
+    batch = RunningBatch(engine)
+    ids = {k: [] for k in range(4)}
+    batch.join(requests[:2], [0, 1])
+    for _ in range(3):
+        for key, event in batch.step():
+            ids[key] += event.token_ids
+    batch.join(requests[2:], [2, 3])
+    for key, event in batch.step():
+        ids[key] += event.token_ids
+    batch.drop([1])  # a client that went away
+    assert sorted(batch.keys) == [0, 2, 3]
+    while batch:
+        for key, event in batch.step():
+            assert key != 1
+            ids[key] += event.token_ids
+    assert len(ids[1]) == 4
+    for key, (prompt, decoder) in enumerate(plan):
+        alone = engine.generate(prompt, decoder=decoder, max_new_tokens=NEW)[0].token_ids
+        assert ids[key] == (alone[:4] if key == 1 else alone), (prompt, decoder)
+
+
+def test_late_joiners_decode_as_alone(engine):
+    from cold.params import DecodeParams
+    from cold.running import RunningBatch
+
+    requests = [engine.make_request(p, DecodeParams(decoder="cold", max_new_tokens=NEW)) for p in PROMPTS]
+    batch = RunningBatch(engine)
+    ids = {k: [] for k in range(len(PROMPTS))}
+    batch.join(requests[:1], [0])
+    for step in range(NEW):
+        if step == 2:
+            batch.join(requests[1:3], [1, 2])
+        if step == 5:
+            batch.join(requests[3:], [3])
+        for key, event in batch.step():
+            ids[key] += event.token_ids
+    while batch:
+        for key, event in batch.step():
+            ids[key] += event.token_ids
+    for key, prompt in enumerate(PROMPTS):
+        assert ids[key] == engine.generate(prompt, decoder="cold", max_new_tokens=NEW)[0].token_ids, prompt

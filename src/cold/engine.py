@@ -22,9 +22,10 @@ from cold import scoring
 from cold.adapters import LoraAdapter, read_adapter
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.errors import ColdError
-from cold.lora import RowSelection, install_adapters
+from cold.lora import RowSelection, install_adapters, uninstall_adapters
 from cold.models import DEFAULT_MODEL, BaseModel, load_base
 from cold.params import DecodeParams
+from cold.running import RunningBatch
 from cold.text import TextTracker
 
 Prompt = str | Sequence[int]  # text, or already tokenised ids
@@ -60,7 +61,8 @@ class Request:
     params: DecodeParams
     expert_adapter: int = -1
     amateur_adapter: int = -1
-    tracker: TextTracker | None = field(default=None, repr=False)
+    tracker: TextTracker | None = field(default=None, repr=False)  # set when decoding starts
+    generator: torch.Generator | None = field(default=None, repr=False)  # when sampling
 
 
 class Engine:
@@ -74,6 +76,8 @@ class Engine:
         self.adapters: list[LoraAdapter] = []
         if adapters:
             self.set_adapters(list(adapters))
+        else:
+            uninstall_adapters(self.model)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
@@ -111,7 +115,7 @@ class Engine:
             if len(self.adapters) == 1:
                 return 0
             if not self.adapters:
-                raise ColdError(f"decoder {decoder!r} needs a LoRA adapter; none is loaded")
+                raise ColdError(f"decoder {decoder!r} needs a LoRA adapter and none is loaded (give one with --adapter DIR)")
             raise ColdError(f"several adapters are loaded ({', '.join(self.adapter_names)}); name one")
         if name not in self.adapter_names:
             raise ColdError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapter_names) or 'none'}")
@@ -248,71 +252,12 @@ class Engine:
             out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
         return out
 
-    # ---- greedy and sampling --------------------------------------------------------------
-
     def _decode(self, requests: list[Request]) -> Iterator[StreamEvent]:
-        device = self.device
-        with torch.inference_mode():
-            layout = RowLayout.build(self.row_specs(requests), len(requests), device)
-            logits, cache, mask, positions = self.prefill(requests, layout)
-            active = list(range(len(requests)))  # call-level index of each live sequence
-            for r in requests:
-                r.tracker = TextTracker(self.tokenizer, r.params.stop)
-            generators = {i: _generator(r.params.seed, device) for i, r in enumerate(requests) if r.params.do_sample}
-            while True:
-                live = [requests[i] for i in active]
-                tokens = self._pick(self.scores(logits, layout, live), live, [generators.get(i) for i in active])
-                kept = []
-                for local, index in enumerate(active):
-                    event = self._advance(requests[index], index, int(tokens[local]))
-                    yield event
-                    if event.finish_reason is None:
-                        kept.append(local)
-                if not kept:
-                    return
-                if len(kept) < len(active):
-                    layout, old_rows = layout.keep(kept, device)
-                    cache.batch_select_indices(old_rows)
-                    mask, positions = mask[old_rows], positions[old_rows]
-                    tokens = tokens[torch.tensor(kept, device=device)]
-                    active = [active[i] for i in kept]
-                row_tokens = tokens[torch.tensor([r.seq for r in layout.rows], device=device)]  # [R]
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = self.forward(layout, row_tokens[:, None], mask, positions[:, None], cache)
-                positions = positions + 1
-
-    def _pick(self, score: torch.Tensor, requests: list[Request], generators: list) -> torch.Tensor:
-        tokens = scoring.pick_greedy(score)
-        for i, (r, gen) in enumerate(zip(requests, generators)):
-            if r.params.do_sample:
-                p = r.params
-                one = lambda v, dt: torch.tensor([v], dtype=dt, device=score.device)  # noqa: E731
-                tokens[i] = scoring.pick_sample(
-                    score[i : i + 1], one(p.temperature, torch.float32), one(p.top_k, torch.long), one(p.top_p, torch.float32), gen
-                )[0]
-        return tokens
-
-    def _advance(self, request: Request, index: int, token: int) -> StreamEvent:
-        """Append one token to a sequence; report new text and whether it finished."""
-        tracker = request.tracker
-        text = tracker.add(token)
-        reason = None
-        if token in self.eos_ids or tracker.stopped:
-            reason = "stop"
-        elif len(tracker.ids) >= request.params.max_new_tokens:
-            reason = "length"
-        if reason is not None:
-            text += tracker.flush()
-        return StreamEvent(index=index, text=text, token_ids=[token], finish_reason=reason)
-
-
-def _generator(seed: int | None, device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+        batch = RunningBatch(self)
+        batch.join(requests, list(range(len(requests))))
+        while batch:
+            for _, event in batch.step():
+                yield event
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -153,15 +153,15 @@ def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: st
 
     from transformers.utils import logging as hf_logging
 
+    torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
     path = resolve_model_dir(source)
-    torch_dtype = pick_dtype(dtype)
     hf_logging.disable_progress_bar()  # the "Loading weights" bar; conversion above keeps its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except Exception as exc:
         raise ColdError(f"cannot load model from {path}: {exc}") from exc
-    model.to(pick_device(device)).eval()
+    model.to(torch_device).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,45 @@
+"""Model loading: the GGUF conversion cache, dtypes, chat template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cold import models
+from cold.engine import Engine
+
+
+def test_default_model_is_converted_once_and_reused(smollm2, monkeypatch):
+    """The session fixture converted (or found) the cached copy; a second load must not dequantise."""
+    path = models.resolve_model_dir("smollm2")
+    assert (path / "complete").is_file() and (path / "model.safetensors").is_file()
+
+    import transformers
+
+    def no_dequantisation(*args, **kwargs):
+        if "gguf_file" in kwargs:
+            pytest.fail("the GGUF was dequantised again")
+        return original(*args, **kwargs)
+
+    original = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_dequantisation)
+    again = models.load_base("smollm2")
+    assert again.path == path
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(again.model.state_dict()[name], smollm2.model.state_dict()[name])
+
+
+def test_bfloat16_runs_the_same_code_path(tiny_dir):
+    base = models.load_base(str(tiny_dir), dtype="bfloat16")
+    assert base.model.dtype == torch.bfloat16
+    got = Engine(base).generate([[5, 6, 7]], decoder="base", max_new_tokens=3)[0]
+    assert len(got.token_ids) == 3
+
+
+def test_chat_template_is_applied(smollm2):
+    engine = Engine(smollm2)
+    _, ids = engine.encode("hi", chat=True)
+    text = smollm2.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>") and text.rstrip().endswith("<|im_start|>assistant")
+    _, plain = engine.encode("hi", chat=False)
+    assert len(plain) < len(ids)
