@@ -208,3 +208,6 @@ def _generation_record(g) -> dict:
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+# ---- further commands, each in its own module ------------------------------------------------
