@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cold.adapters import read_adapter
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.engine import Engine
-from cold.lora import RowLoRALinear, lora_delta_gathered, lora_delta_reference
+from cold.lora import RowLoRALinear, lora_delta_gathered, lora_delta_reference, lora_delta_single
 from conftest import ALL_LINEAR, make_lora
 
 
@@ -31,6 +31,11 @@ def test_gathered_op_equals_reference(rows, steps, adapters, rank, seed):
     row_scale = torch.where(row_adapter >= 0, torch.rand(rows, generator=gen) * 2, torch.zeros(rows))
     expected = lora_delta_reference(x, lora_a, lora_b, row_adapter, row_scale)
     torch.testing.assert_close(lora_delta_gathered(x, lora_a, lora_b, row_adapter, row_scale), expected)
+    only = torch.where(row_adapter >= 0, torch.zeros_like(row_adapter), row_adapter)  # one adapter + base rows
+    torch.testing.assert_close(
+        lora_delta_single(x, lora_a, lora_b, 0, torch.where(only >= 0, row_scale, torch.zeros_like(row_scale))),
+        lora_delta_reference(x, lora_a, lora_b, only, row_scale),
+    )
     assert torch.all(expected[row_adapter < 0] == 0)
 
 

@@ -29,6 +29,7 @@ class RowLayout:
     amateur_row: torch.Tensor  # [S] row index of its amateur row (its expert row if it has none)
     adapter: torch.Tensor  # [R] long
     scale: torch.Tensor  # [R] float
+    single_adapter: int | None  # the only adapter any row uses (-1: no row uses one), None if several
 
     @classmethod
     def build(cls, rows: list[RowSpec], num_seqs: int, device) -> "RowLayout":
@@ -40,12 +41,14 @@ class RowLayout:
             else:
                 amateur[row.seq] = index
         amateur = [e if a is None else a for e, a in zip(expert, amateur)]
+        used = {r.adapter for r in rows if r.adapter >= 0}
         return cls(
             rows=rows,
             expert_row=torch.tensor(expert, dtype=torch.long, device=device),
             amateur_row=torch.tensor(amateur, dtype=torch.long, device=device),
             adapter=torch.tensor([r.adapter for r in rows], dtype=torch.long, device=device),
             scale=torch.tensor([r.scale for r in rows], dtype=torch.float32, device=device),
+            single_adapter=used.pop() if len(used) == 1 else (-1 if not used else None),
         )
 
     def keep(self, kept_seqs: list[int], device) -> tuple["RowLayout", torch.Tensor]:

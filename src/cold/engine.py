@@ -215,7 +215,7 @@ class Engine:
 
     def forward(self, layout: RowLayout, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """One forward pass of all rows; returns the last position's logits [R, V] in float32."""
-        self.rows.set(layout.adapter, layout.scale)
+        self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
         try:
             out = self.model(
                 input_ids=input_ids,

@@ -9,8 +9,9 @@ B pre-multiplied by its adapter's lora_alpha/r scale) and `row_scale` is 0 for r
 bare base model (the amateur rows of CoLD), 1 for a plain expert row, or any other factor (an
 adapter scaled up or down). This is the batched-gather LoRA op (BGMV) of multi-LoRA servers.
 
-`lora_delta_reference` is the readable definition; the layer uses `lora_delta_gathered`
-(one batched matmul pair), and tests check that both agree.
+`lora_delta_reference` is the readable definition; the layer uses `lora_delta_single` when all
+adapted rows share one adapter (two plain matmuls, the common CoLD case) and
+`lora_delta_gathered` (one gather, two batched matmuls) otherwise; tests check all three agree.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ class RowSelection:
 
     adapter: torch.Tensor | None = None  # [R] long, -1 = base weights only
     scale: torch.Tensor | None = None  # [R] float, 0 where adapter == -1
+    single: int | None = None  # the one adapter all adapted rows use (-1: none), None if several
 
-    def set(self, adapter: torch.Tensor, scale: torch.Tensor) -> None:
+    def set(self, adapter: torch.Tensor, scale: torch.Tensor, single: int | None = None) -> None:
+        """`single`: pass the adapter index when every row with adapter >= 0 uses it (fast path)."""
         self.adapter, self.scale = adapter, torch.where(adapter >= 0, scale, torch.zeros_like(scale))
+        self.single = single
 
     def clear(self) -> None:
-        self.adapter = self.scale = None
+        self.adapter = self.scale = self.single = None
 
 
 def lora_delta_reference(x, lora_a, lora_b, row_adapter, row_scale):
@@ -53,6 +57,12 @@ def lora_delta_reference(x, lora_a, lora_b, row_adapter, row_scale):
         if k >= 0:
             out[row] = row_scale[row] * ((x[row] @ lora_a[k].T) @ lora_b[k].T)
     return out
+
+
+def lora_delta_single(x, lora_a, lora_b, adapter: int, row_scale):
+    """Same result when every adapted row uses adapter `adapter`: no gather, two plain matmuls."""
+    h = (x @ lora_a[adapter].T) * row_scale.to(x.dtype)[:, None, None]  # [R, T, r]
+    return h @ lora_b[adapter].T  # [R, T, out]
 
 
 def lora_delta_gathered(x, lora_a, lora_b, row_adapter, row_scale):
@@ -88,9 +98,12 @@ class RowLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [R, T, in]
         y = self.base(x)
-        if self.rows.adapter is None:  # no rows selected: the plain base layer
+        rows = self.rows
+        if rows.adapter is None or rows.single == -1:  # no adapted rows: the plain base layer
             return y
-        return y + lora_delta_gathered(x, self.lora_a, self.lora_b, self.rows.adapter, self.rows.scale)
+        if rows.single is not None:
+            return y + lora_delta_single(x, self.lora_a, self.lora_b, rows.single, rows.scale)
+        return y + lora_delta_gathered(x, self.lora_a, self.lora_b, rows.adapter, rows.scale)
 
 
 def _stack(adapters: list[LoraAdapter], module_name: str, base: nn.Linear):
