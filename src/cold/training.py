@@ -325,7 +325,7 @@ def train_lora(
     base_model: str = "smollm2",
     task: str = "gsm8k",
     data_path: str | None = None,
-    output_dir: str = "adapters/smollm2-gsm8k",
+    output_dir: str = "src/cold/demo_adapters/smollm2-gsm8k",
     rank: int = 8,
     lora_alpha: int = 16,
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default="smollm2")
     p.add_argument("--task", default="gsm8k", choices=sorted(TASK_LOADERS))
     p.add_argument("--data-path", default=None)
-    p.add_argument("--output-dir", default="adapters/smollm2-gsm8k")
+    p.add_argument("--output-dir", default="src/cold/demo_adapters/smollm2-gsm8k")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES))
