@@ -1,0 +1,42 @@
+"""`cold train`: the LoRA training recipe of `cold.training` on the command line."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+
+def train(
+    output_dir: Annotated[str, typer.Option(help="Where the PEFT adapter, log, model card and loss plot go.")],
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2', a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    task: Annotated[str, typer.Option(help="Training task (its data is read from ../shared/data unless --data is given).")] = "gsm8k",
+    data: Annotated[Optional[str], typer.Option(help="Training file (JSONL) instead of the task's default.")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16,
+    target: Annotated[Optional[list[str]], typer.Option(help="Target module (repeat); default: every linear layer of a Llama block.")] = None,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay).")] = 2e-4,
+    max_length: Annotated[int, typer.Option(help="Longer examples are skipped.")] = 384,
+    seed: Annotated[int, typer.Option(help="Seed for the shuffle and the LoRA initialisation.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
+) -> None:
+    """Train a LoRA adapter with PEFT (chat-formatted examples, loss on the answer only).
+
+    Example: cold train --output-dir my-gsm8k-lora --max-steps 600
+    """
+    from cold.cli import err
+    from cold.errors import ColdError
+    from cold.training import DEFAULT_TARGET_MODULES, train_lora
+
+    try:
+        summary = train_lora(
+            base_model=model, task=task, data_path=data, output_dir=output_dir, rank=rank, lora_alpha=lora_alpha,
+            target_modules=tuple(target or DEFAULT_TARGET_MODULES), max_steps=max_steps, batch_size=batch_size,
+            learning_rate=learning_rate, max_length=max_length, seed=seed, threads=threads,
+        )
+    except ColdError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    err.print(f"adapter saved to {output_dir} (final loss {summary.get('final_loss', float('nan')):.4f})")

@@ -1,0 +1,29 @@
+"""`cold train` produces a PEFT adapter that the engine (and PEFT) load."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cold.adapters import read_adapter
+from cold.cli import app
+from cold.engine import Engine
+from cold.models import load_base
+
+
+def test_train_a_tiny_adapter_end_to_end(tiny_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(out),
+                                      "--max-steps", "3", "--batch-size", "2", "--rank", "4", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    adapter = read_adapter(out)
+    assert adapter.rank == 4 and adapter.scale == 16 / 4
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 3 and len(log["steps_log"]) == 3 and log["final_loss"] > 0
+    assert (out / "README.md").is_file()
+    engine = Engine(load_base(str(tiny_dir)), [adapter])
+    assert engine.generate("What is 2 + 2?", chat=True, max_new_tokens=3)[0].token_ids
