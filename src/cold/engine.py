@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from cold import scoring
 from cold.adapters import LoraAdapter, read_adapter
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.errors import ColdError
+from cold.kvcache import new_cache
 from cold.lora import RowSelection, install_adapters, uninstall_adapters
 from cold.models import DEFAULT_MODEL, BaseModel, load_base
 from cold.params import DecodeParams
@@ -232,7 +232,7 @@ class Engine:
     def prefill(self, requests: list[Request], layout: RowLayout):
         """Run every row's prompt; return (logits [R, V], cache, attention_mask, next positions [R])."""
         ids, mask, positions = left_pad([requests[r.seq].prompt_ids for r in layout.rows], self.pad_id, self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         logits = self.forward(layout, ids, mask, positions, cache)
         return logits, cache, mask, positions[:, -1] + 1
 

@@ -18,7 +18,6 @@ from collections.abc import Hashable
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from cold import scoring
 from cold.batch import RowLayout, RowSpec
@@ -66,7 +65,7 @@ class RunningBatch:
         self.layout = RowLayout.build(rows, offset + len(layout.expert_row), self.device)
         length = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
+            if mine.is_sliding or theirs.is_sliding:
                 raise ColdError("joining a running batch needs a model without sliding-window caches")
             mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
             mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
@@ -120,7 +119,7 @@ class RunningBatch:
         """Drop leading columns that are padding in every row."""
         real = self.mask.any(dim=0).nonzero()
         start = int(real[0]) if len(real) else 0
-        if start > 0 and all(type(layer) is DynamicLayer for layer in self.cache.layers):
+        if start > 0 and not any(layer.is_sliding for layer in self.cache.layers):
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
