@@ -57,7 +57,8 @@ def make_lora(model, path: Path, targets=ALL_LINEAR, r: int = 8, alpha: int = 16
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora, init_lora_weights=False)
     plain = copy.deepcopy(model)
-    uninstall_adapters(plain)  # an Engine may have wrapped the shared model's layers
+    uninstall_adapters(plain)  # an Engine may have wrapped the shared model's layers...
+    plain.set_attn_implementation("sdpa")  # ...and switched its attention: the oracle uses stock transformers
     peft_model = get_peft_model(plain, config)
     if std is not None:
         for name, param in peft_model.named_parameters():

@@ -44,7 +44,7 @@ def _rows_logits(engine: Engine, prompts: list[list[int]], specs: list[RowSpec])
     layout = RowLayout.build(specs, max(s.seq for s in specs) + 1, engine.device)
     ids, mask, pos = left_pad([prompts[s.seq] for s in specs], engine.pad_id, engine.device)
     with torch.no_grad():
-        return engine.forward(layout, ids, mask, pos, cache=None)
+        return engine.logits(engine.forward(layout, ids, mask, pos, cache=None), layout)
 
 
 def _peft_last_logits(peft_model, prompt: list[int], adapter: str | None) -> torch.Tensor:

@@ -41,14 +41,21 @@ class RowLayout:
             else:
                 amateur[row.seq] = index
         amateur = [e if a is None else a for e, a in zip(expert, amateur)]
-        used = {r.adapter for r in rows if r.adapter >= 0}
         return cls(
             rows=rows,
             expert_row=torch.tensor(expert, dtype=torch.long, device=device),
             amateur_row=torch.tensor(amateur, dtype=torch.long, device=device),
             adapter=torch.tensor([r.adapter for r in rows], dtype=torch.long, device=device),
             scale=torch.tensor([r.scale for r in rows], dtype=torch.float32, device=device),
-            single_adapter=used.pop() if len(used) == 1 else (-1 if not used else None),
+            single_adapter=_single_adapter(rows),
+        )
+
+    def subset(self, rows: torch.Tensor) -> "RowLayout":
+        """The adapter selection of some rows (for running only those rows through a layer)."""
+        picked = [self.rows[i] for i in rows.tolist()]
+        return RowLayout(
+            rows=picked, expert_row=self.expert_row, amateur_row=self.amateur_row,
+            adapter=self.adapter[rows], scale=self.scale[rows], single_adapter=_single_adapter(picked),
         )
 
     def keep(self, kept_seqs: list[int], device) -> tuple["RowLayout", torch.Tensor]:
@@ -58,6 +65,11 @@ class RowLayout:
         old_rows = torch.tensor([i for i, _ in kept], dtype=torch.long, device=device)
         rows = [RowSpec(renumber[r.seq], r.role, r.adapter, r.scale) for _, r in kept]
         return RowLayout.build(rows, len(kept_seqs), device), old_rows
+
+
+def _single_adapter(rows: list[RowSpec]) -> int | None:
+    used = {r.adapter for r in rows if r.adapter >= 0}
+    return used.pop() if len(used) == 1 else (-1 if not used else None)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

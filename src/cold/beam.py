@@ -39,10 +39,10 @@ def beam_search(engine, requests) -> Iterator["object"]:
     device = engine.device
     with torch.inference_mode():
         base_layout = RowLayout.build(engine.row_specs(requests), len(requests), device)
-        logits, cache, mask, positions = engine.prefill(requests, base_layout)
+        hidden, cache, mask, positions = engine.prefill(requests, base_layout)
         # Copy every row's prefill state to its beams: [R, ...] -> [R * beams, ...]
         cache.batch_repeat_interleave(beams)
-        logits = logits.repeat_interleave(beams, dim=0)
+        hidden = hidden.repeat_interleave(beams, dim=0)
         mask = mask.repeat_interleave(beams, dim=0)
         positions = positions.repeat_interleave(beams, dim=0)
         layout = RowLayout.build(_expand(base_layout.rows, beams), len(requests) * beams, device)
@@ -57,7 +57,7 @@ def beam_search(engine, requests) -> Iterator["object"]:
         max_new = max(r.params.max_new_tokens for r in requests)
 
         for step in range(1, max_new + 1):
-            log_probs = scoring.beam_log_probs(engine.scores(logits, layout, beam_requests))  # [S*B, V]
+            log_probs = scoring.beam_log_probs(engine.scores(hidden, layout, beam_requests))  # [S*B, V]
             vocab = log_probs.shape[-1]
             totals = (beam_scores.view(-1, 1) + log_probs).view(num, beams * vocab)
             top_scores, top_index = totals.topk(2 * beams, dim=-1)  # [S, 2B]
@@ -104,7 +104,7 @@ def beam_search(engine, requests) -> Iterator["object"]:
             row_tokens = next_tokens.view(-1)[torch.tensor([r.seq for r in layout.rows], device=device)]
             mask = torch.cat([mask[row_source], mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[row_source]
-            logits = engine.forward(layout, row_tokens[:, None], mask, positions[:, None], cache)
+            hidden = engine.forward(layout, row_tokens[:, None], mask, positions[:, None], cache)
             positions = positions + 1
 
     for s, request in enumerate(requests):

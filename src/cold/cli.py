@@ -211,3 +211,15 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 # ---- further commands, each in its own module ------------------------------------------------
+
+from cold.server_cli import serve as _serve  # noqa: E402
+
+app.command("serve")(_serve)
+
+from cold.bench import bench_command as _bench  # noqa: E402
+
+app.command("bench")(_bench)
+
+from cold.train_cli import train as _train  # noqa: E402
+
+app.command("train")(_train)

@@ -19,10 +19,11 @@ import torch
 
 from cold import scoring
 from cold.adapters import LoraAdapter, read_adapter
+from cold.attention import use_grouped_attention
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.errors import ColdError
 from cold.kvcache import new_cache
-from cold.lora import RowSelection, install_adapters, uninstall_adapters
+from cold.lora import RowLoRALinear, RowSelection, install_adapters, uninstall_adapters
 from cold.models import DEFAULT_MODEL, BaseModel, load_base
 from cold.params import DecodeParams
 from cold.running import RunningBatch
@@ -71,6 +72,7 @@ class Engine:
     def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = ()):
         self.base = base
         self.model = base.model
+        use_grouped_attention(self.model)
         self.tokenizer = base.tokenizer
         self.rows = RowSelection()
         self.adapters: list[LoraAdapter] = []
@@ -214,36 +216,58 @@ class Engine:
         return rows
 
     def forward(self, layout: RowLayout, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """One forward pass of all rows; returns the last position's logits [R, V] in float32."""
+        """One forward pass of all rows through the decoder; returns the last hidden states [R, H].
+
+        The vocabulary projection is left to `scores`, which needs it in full only for expert rows.
+        """
         self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
         try:
-            out = self.model(
+            out = self.model.get_decoder()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
         finally:
             self.rows.clear()
-        return out.logits[:, -1].float()
+        return out.last_hidden_state[:, -1]
+
+    def logits(self, hidden: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
+        """Full next-token logits [R, V] (float32) of hidden states [R, H]."""
+        head = self.model.get_output_embeddings()
+        if layout is not None:
+            self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
+        try:
+            return self._softcap(head(hidden[:, None])[:, 0].float())
+        finally:
+            self.rows.clear()
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def prefill(self, requests: list[Request], layout: RowLayout):
-        """Run every row's prompt; return (logits [R, V], cache, attention_mask, next positions [R])."""
+        """Run every row's prompt; return (hidden [R, H], cache, attention_mask, next positions [R])."""
         ids, mask, positions = left_pad([requests[r.seq].prompt_ids for r in layout.rows], self.pad_id, self.device)
         cache = new_cache(self.model.config)
-        logits = self.forward(layout, ids, mask, positions, cache)
-        return logits, cache, mask, positions[:, -1] + 1
+        hidden = self.forward(layout, ids, mask, positions, cache)
+        return hidden, cache, mask, positions[:, -1] + 1
 
-    def scores(self, logits: torch.Tensor, layout: RowLayout, requests: list[Request]) -> torch.Tensor:
+    def scores(self, hidden: torch.Tensor, layout: RowLayout, requests: list[Request]) -> torch.Tensor:
         """[S, V] score of every sequence (CoLD score, or plain logits for expert/base)."""
-        expert = logits[layout.expert_row]
-        amateur = logits[layout.amateur_row]
-        device = logits.device
+        device = hidden.device
+        expert_layout = layout.subset(layout.expert_row)
+        expert = self.logits(hidden[layout.expert_row], expert_layout)
+        contrastive = [i for i, r in enumerate(requests) if r.params.contrastive]
         alpha = torch.tensor([r.params.alpha if r.params.contrastive else 0.0 for r in requests], device=device)
         beta = torch.tensor([r.params.beta if r.params.contrastive else 0.0 for r in requests], device=device)
         forms = [r.params.scoring if r.params.contrastive else "logit" for r in requests]
+        amateur = expert
+        if contrastive:
+            idx = torch.tensor(contrastive, device=device)
+            amateur = expert.clone()
+            amateur[idx] = self._amateur_logits(hidden, layout, idx, expert[idx], alpha[idx], forms)
         if len(set(forms)) == 1:
             return scoring.contrastive_scores(expert, amateur, alpha, beta, forms[0])
         out = torch.empty_like(expert)
@@ -251,6 +275,21 @@ class Engine:
             idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=device)
             out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
         return out
+
+    def _amateur_logits(self, hidden, layout, seqs, expert, alpha, forms) -> torch.Tensor:
+        """Amateur logits [C, V] of the contrastive sequences `seqs`.
+
+        The logit-form score only reads the amateur inside the expert's plausibility mask, so with
+        a plain (unadapted) output layer only the union of the masked-in columns is computed; the
+        other entries hold the expert's logits and are masked out by the score anyway.
+        """
+        rows = layout.amateur_row[seqs]
+        head = self.model.get_output_embeddings()
+        if "logprob" in forms or isinstance(head, RowLoRALinear) or getattr(head, "bias", None) is not None:
+            return self.logits(hidden[rows], layout.subset(rows))
+        columns = scoring.plausibility_mask(expert, alpha).any(dim=0).nonzero().squeeze(1)  # [K]
+        partial = self._softcap((hidden[rows] @ head.weight[columns].T).float())  # [C, K]
+        return expert.index_copy(1, columns, partial)
 
     def _decode(self, requests: list[Request]) -> Iterator[StreamEvent]:
         batch = RunningBatch(self)

@@ -35,7 +35,7 @@ class RunningBatch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [R, L] 1 = real token
         self.positions: torch.Tensor | None = None  # [R] position of each row's next token
-        self.logits: torch.Tensor | None = None  # [R, V] next-token logits, not yet picked
+        self.hidden: torch.Tensor | None = None  # [R, H] last hidden state of each row, not yet picked from
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -51,15 +51,15 @@ class RunningBatch:
             r.generator = _generator(r.params.seed, self.device) if r.params.do_sample else None
         with torch.inference_mode():
             layout = RowLayout.build(self.engine.row_specs(requests), len(requests), self.device)
-            logits, cache, mask, positions = self.engine.prefill(requests, layout)
+            hidden, cache, mask, positions = self.engine.prefill(requests, layout)
             if self.layout is None:
-                self.layout, self.cache, self.mask, self.positions, self.logits = layout, cache, mask, positions, logits
+                self.layout, self.cache, self.mask, self.positions, self.hidden = layout, cache, mask, positions, hidden
             else:
-                self._merge(layout, cache, mask, positions, logits)
+                self._merge(layout, cache, mask, positions, hidden)
         self.requests += requests
         self.keys += keys
 
-    def _merge(self, layout, cache, mask, positions, logits) -> None:
+    def _merge(self, layout, cache, mask, positions, hidden) -> None:
         offset = len(self.requests)
         rows = self.layout.rows + [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in layout.rows]
         self.layout = RowLayout.build(rows, offset + len(layout.expert_row), self.device)
@@ -71,7 +71,7 @@ class RunningBatch:
             mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
         self.positions = torch.cat([self.positions, positions])
-        self.logits = torch.cat([self.logits, logits])
+        self.hidden = torch.cat([self.hidden, hidden])
 
     # ---- stepping ---------------------------------------------------------------------------
 
@@ -80,7 +80,7 @@ class RunningBatch:
         from cold.engine import StreamEvent
 
         with torch.inference_mode():
-            tokens = self._pick(self.engine.scores(self.logits, self.layout, self.requests))
+            tokens = self._pick(self.engine.scores(self.hidden, self.layout, self.requests))
             events, finished = [], []
             for seq, (request, key) in enumerate(zip(self.requests, self.keys)):
                 token = int(tokens[seq])
@@ -108,11 +108,11 @@ class RunningBatch:
         self.requests = [self.requests[s] for s in kept]
         self.keys = [self.keys[s] for s in kept]
         if not kept:
-            self.layout = self.cache = self.mask = self.positions = self.logits = None
+            self.layout = self.cache = self.mask = self.positions = self.hidden = None
             return
         self.layout, old_rows = self.layout.keep(kept, self.device)
         self.cache.batch_select_indices(old_rows)
-        self.mask, self.positions, self.logits = self.mask[old_rows], self.positions[old_rows], self.logits[old_rows]
+        self.mask, self.positions, self.hidden = self.mask[old_rows], self.positions[old_rows], self.hidden[old_rows]
         self._trim_padding()
 
     def _trim_padding(self) -> None:
@@ -128,7 +128,7 @@ class RunningBatch:
         """Feed each sequence's chosen token to all of its rows."""
         row_tokens = tokens[torch.tensor([r.seq for r in self.layout.rows], device=self.device)]  # [R]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        self.logits = self.engine.forward(self.layout, row_tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        self.hidden = self.engine.forward(self.layout, row_tokens[:, None], self.mask, self.positions[:, None], self.cache)
         self.positions = self.positions + 1
 
     def _pick(self, score: torch.Tensor) -> torch.Tensor:

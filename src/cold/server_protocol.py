@@ -1,0 +1,251 @@
+"""The OpenAI request bodies the server accepts, and their translation into `DecodeParams`.
+
+Bodies are parsed strictly (wrong types and unknown fields are 400s that name the field), so a
+typo such as `"alpah": 0.2` is reported instead of silently ignored. Fields of the OpenAI API that
+the server does not implement are refused with a message naming them, unless they hold their
+neutral value (e.g. `presence_penalty: 0`, `logprobs: false`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cold.params import DecodeParams
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
+             500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # CoLD extensions (the openai client sends them with extra_body=...)
+    decoder: Literal["cold", "expert", "base"] | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    scoring: Literal["logit", "logprob"] | None = None
+    top_k: int | None = None
+    expert_scale: float | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str | list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # echoed assistant messages carry refusal, annotations…
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Generation):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+MAX_STOP = 16
+MIN_TEMPERATURE = 1e-5  # below: greedy (dividing scores by a tinier number overflows)
+MAX_TEMPERATURE = 100.0
+MAX_BETA = 100.0
+MAX_SCALE = 10.0
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """Parse a JSON body; ApiError 400 naming the problem."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        return ApiError(400, f"malformed JSON in the request body: {first['msg'].removeprefix('Invalid JSON: ')}",
+                        code="invalid_json")
+    if kind == "model_type" and not loc:
+        return ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    path = ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS))
+    param = str(loc[0]) if loc else None
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unrecognized request argument: {path}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return ApiError(400, f"missing required argument: {path}", param=param, code="missing_required_parameter")
+    if param in _SHAPES:
+        return ApiError(400, f"invalid value for {param}: expected {_SHAPES[param]}", param=param, code="invalid_type")
+    return ApiError(400, f"invalid value for {path}: {first['msg']}", param=param, code="invalid_type")
+
+
+_SHAPES = {
+    "prompt": "a string, a list of token ids, or a list of those",
+    "stop": "a string or a list of strings",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
+def refuse_unsupported(body: _Generation, max_n: int) -> None:
+    """ApiError 400 for OpenAI features the server does not implement."""
+    def refuse(field: str, why: str) -> None:
+        raise ApiError(400, f"{field} is not supported by this server{why}", param=field, code="unsupported_parameter")
+
+    if body.n is not None and not 1 <= body.n <= max_n:
+        raise ApiError(400, f"n must be between 1 and {max_n}, got {body.n}", param="n", code="invalid_value")
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, field) not in (None, 0, 0.0):
+            refuse(field, " (only 0)")
+    if body.logit_bias:
+        refuse("logit_bias", "")
+    if isinstance(body, CompletionRequest):
+        if body.logprobs is not None:
+            refuse("logprobs", "")
+        if body.best_of not in (None, 1) and body.best_of != body.n:
+            refuse("best_of", " (only 1)")
+        if body.suffix:
+            refuse("suffix", "")
+    else:
+        if body.logprobs or body.top_logprobs:
+            refuse("logprobs" if body.logprobs else "top_logprobs", "")
+        if body.tools or body.functions:
+            refuse("tools" if body.tools else "functions", " (no tool calling)")
+        if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
+            refuse("tool_choice" if body.tool_choice not in (None, "none") else "function_call", " (no tool calling)")
+        if body.response_format is not None and body.response_format.get("type") != "text":
+            refuse("response_format", " (only {\"type\": \"text\"})")
+        if body.modalities is not None and body.modalities != ["text"]:
+            refuse("modalities", " (only [\"text\"])")
+
+
+def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
+    """DecodeParams for a request whose model id selected `adapter` (None: the base model).
+
+    Greedy unless temperature >= 1e-5. The decoder defaults to "cold" for an adapter's model id and
+    to "base" for the base model's id. max_new_tokens is filled in per prompt later.
+    """
+    # Bounds that keep every score finite: one request's NaN would fail the whole batch's step.
+    _check_range(body.temperature, "temperature", lambda t: 0 <= t <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE}] (0 = greedy)")
+    _check_range(body.top_p, "top_p", lambda p: 0 < p <= 1, "in (0, 1]")
+    _check_range(body.beta, "beta", lambda b: 0 <= b <= MAX_BETA, f"in [0, {MAX_BETA}]")
+    _check_range(body.expert_scale, "expert_scale", lambda s: abs(s) <= MAX_SCALE, f"in [-{MAX_SCALE}, {MAX_SCALE}]")
+    if body.top_k is not None and not 0 <= body.top_k < 2**31:
+        raise ApiError(400, f"top_k must be >= 0 (0 = off), got {body.top_k}", param="top_k", code="invalid_value")
+    if body.seed is not None and not 0 <= body.seed < 2**63:
+        raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed", code="invalid_value")
+    if body.max_tokens is not None and body.max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be >= 1, got {body.max_tokens}", param="max_tokens", code="invalid_value")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise ApiError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop", code="invalid_value")
+    if any(s == "" for s in stop):
+        raise ApiError(400, "stop strings must not be empty", param="stop", code="invalid_value")
+    sample = body.temperature is not None and body.temperature >= MIN_TEMPERATURE
+    changes = dict(
+        decoder=body.decoder or ("cold" if adapter is not None else "base"),
+        adapter=adapter,
+        do_sample=sample,
+        seed=body.seed,
+        stop=tuple(stop),
+    )
+    if sample:
+        changes.update(temperature=body.temperature)
+        if body.top_p is not None:
+            changes["top_p"] = body.top_p
+        if body.top_k is not None:
+            changes["top_k"] = body.top_k
+    for field in ("alpha", "beta", "scoring", "expert_scale"):
+        if getattr(body, field) is not None:
+            changes[field] = getattr(body, field)
+    return DecodeParams(**changes)
+
+
+def _check_range(value: float | None, name: str, ok, wanted: str) -> None:
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        raise ApiError(400, f"{name} must be {wanted}, got {value}", param=name, code="invalid_value")
+
+
+def chat_messages(body: ChatRequest) -> list[dict]:
+    """The messages as plain {"role", "content"} dicts for the tokenizer's chat template."""
+    if not body.messages:
+        raise ApiError(400, "messages must contain at least one message", param="messages", code="invalid_value")
+    out = []
+    for i, m in enumerate(body.messages):
+        if m.role not in CHAT_ROLES:
+            raise ApiError(400, f"messages.{i}.role: {m.role!r} is not supported (use one of {', '.join(CHAT_ROLES)})",
+                           param="messages", code="invalid_value")
+        if isinstance(m.content, list):
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise ApiError(400, f"messages.{i}.content.{j}: only text parts are supported, got type {part.type!r}",
+                                   param="messages", code="invalid_value")
+                parts.append(part.text)
+            content = "\n".join(parts)
+        else:
+            content = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out

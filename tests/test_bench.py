@@ -1,0 +1,110 @@
+"""`cold bench` runs on a tiny model and writes well-formed JSON, PNG and Markdown (never: is it fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from cold import bench, bench_cells
+from cold.cli import app
+from conftest import make_lora
+
+runner = CliRunner()
+
+TINY = ["--prompt-tokens", "8", "--new-tokens", "3", "--threads", "1", "--bandwidth-mb", "8"]
+NUMBERS = ("prefill_ms", "step_ms", "step_p90_ms", "tokens_per_s_per_prompt", "tokens_per_s_total", "peak_rss_mb",
+           "floor_ms", "floor_fraction", "weight_bytes_per_step", "vs_expert", "vs_cold_naive")
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-lora")
+    make_lora(tiny.model, path, r=4, alpha=8, seed=3)
+    return path
+
+
+def test_decoder_names_match_the_cells():
+    assert bench.DECODER_NAMES == tuple(bench_cells.DECODERS)
+    assert bench.DEFAULT_DECODER_NAMES == bench_cells.DEFAULT_DECODERS
+
+
+def test_step_bench_writes_json_png_and_markdown(tiny_dir, tiny_lora, tmp_path):
+    report_path, png, md = tmp_path / "out" / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--batch-sizes", "2,1",
+                                 "--repeats", "2", "--warmup", "1", *TINY,
+                                 "--json", str(report_path), "--plot", str(png), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["schema"] == "cold-bench/1" and report["mode"] == "steps"
+    assert report["command"].startswith("cold bench --model ")
+    assert report["settings"]["batch_sizes"] == [1, 2]
+    assert report["machine"]["threads"] == 1 and report["memory"]["isolated"] is True
+    assert report["bandwidth"]["copy_gbps"] > 0 and len(report["bandwidth"]["measurements"]) == 3
+    assert report["info"]["weight_bytes"] > 0 and report["info"]["lora_bytes"] > 0
+
+    rows = report["rows"]
+    assert [(r["decoder"], r["batch_size"]) for r in rows] == [
+        (d, b) for b in (1, 2) for d in bench_cells.DEFAULT_DECODERS
+    ]
+    for r in rows:
+        for key in NUMBERS:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["decoder"], key)
+        assert r["step_p90_ms"] >= r["step_ms"]
+        assert r["tokens_per_s_total"] == pytest.approx(r["batch_size"] * r["tokens_per_s_per_prompt"])
+        assert r["floor_ms"] == pytest.approx(r["weight_bytes_per_step"] / (report["bandwidth"]["copy_gbps"] * 1e9) * 1e3)
+        assert len(r["step_ms_repeat_medians"]) == 2 and r["processes"] == 2  # one process per repeat
+    by = {(r["decoder"], r["batch_size"]): r for r in rows}
+    assert by[("expert", 1)]["vs_expert"] == pytest.approx(1.0)
+    assert by[("cold-naive", 2)]["vs_cold_naive"] == pytest.approx(1.0)
+    # the LoRA is counted where it is read, not where it is merged away
+    assert by[("cold", 1)]["weight_bytes_per_step"] == by[("expert-merged", 1)]["weight_bytes_per_step"] + report["info"]["lora_bytes"]
+    assert by[("cold", 1)]["agreement_with"] == "cold-naive" and 0 <= by[("cold", 1)]["agreement"] <= 1
+    assert {t["target"] for t in report["targets"]} >= {"cold step / expert step, batch 1", "cold fraction of the bandwidth floor, batch 1"}
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+
+    height, width, _ = plt.imread(png).shape
+    assert width > 400 and height > 200
+    text = md.read_text()
+    assert report["command"] in text and "| cold-peft-mixed | 2 |" in text
+    assert "cold-naive" in result.stdout and "step ms" in result.stdout
+
+
+def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path):
+    problems = tmp_path / "gsm8k.jsonl"
+    problems.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in ("1+1?", "2+3?", "Why?")))
+    report_path, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--e2e", "3",
+                                 "--e2e-file", str(problems), "--e2e-batch-size", "2", "--new-tokens", "4", "--threads", "1",
+                                 "--no-isolate", "--json", str(report_path), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "e2e" and report["memory"]["isolated"] is False
+    assert [r["decoder"] for r in report["rows"]] == ["expert", "cold"]
+    for r in report["rows"]:
+        assert r["problems"] == 3 and len(r["lengths"]) == 3 and all(1 <= n <= 4 for n in r["lengths"])
+        assert r["tokens"] == sum(r["lengths"]) and r["wall_s"] > 0 and 0 <= r["hit_max_fraction"] <= 1
+    assert report["paired"]["expert_hit_max"] >= report["paired"]["of_which_cold_stopped"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decoders", "cold,fast"], "fast"),
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--batch-sizes", "a,b"], "--batch-sizes"),
+        (["--repeats", "0"], "--repeats"),
+        (["--e2e", "2", "--decoders", "cold-naive"], "cold-naive"),
+        (["--adapter", "/nonexistent/lora"], "--adapter"),
+        (["--dtype", "float64"], "float64"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_error(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output
