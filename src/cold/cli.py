@@ -223,3 +223,7 @@ app.command("bench")(_bench)
 from cold.train_cli import train as _train  # noqa: E402
 
 app.command("train")(_train)
+
+from cold.evaluation.cli import eval_command as _eval  # noqa: E402
+
+app.command("eval")(_eval)

@@ -1,0 +1,252 @@
+"""`cold eval`: several decoders on the same problems of a task, accuracy side by side."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cold.errors import ColdError
+from cold.evaluation.decoders import DEFAULT_DECODERS, SYNTAX
+
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole tables in files
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class PromptChoice(str, Enum):
+    chat = "chat"
+    zero_shot = "zero-shot"
+    few_shot = "few-shot"
+
+
+class Rule(str, Enum):
+    flexible = "flexible"
+    strict = "strict"
+
+
+class AnswerType(str, Enum):
+    number = "number"
+    yesno = "yesno"
+    choice = "choice"
+    text = "text"
+
+
+def eval_command(
+    task: Annotated[str, typer.Option(help="gsm8k, multiarith, singleeq, coin_flip, last_letters, commonsenseqa, or jsonl (any JSONL file given with --data).")] = "gsm8k",
+    data: Annotated[Optional[Path], typer.Option(help="The task file to read (default: the split's file under ../shared/data or $COLD_DATA_DIR).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a built-in task (default: test; commonsenseqa: dev).")] = None,
+    decoders: Annotated[str, typer.Option(help=f"Comma-separated decoder specs: {SYNTAX}.")] = DEFAULT_DECODERS,
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory. Default: the built-in demo adapter of a built-in model.")] = None,
+    prompt: Annotated[PromptChoice, typer.Option(help="chat: the question as the user message of the chat template; zero-shot: 'Question: ...\\nAnswer:'; few-shot: worked examples first.")] = PromptChoice.chat,
+    shots: Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")] = 4,
+    instruction: Annotated[str, typer.Option(help="Text appended on its own line to every question (e.g. an answer-format request).")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")] = 256,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate a seeded sample of this many problems (a larger limit with the same seed extends the sample).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Problems decoded together in one batch.")] = 16,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (records/, summary.md, summary.json, plot.png). Default: eval-runs/TASK-SPLIT-PROMPT. Rerunning resumes.")] = None,
+    headline: Annotated[Rule, typer.Option(help="Extraction rule of the headline accuracy and of the paired differences.")] = Rule.flexible,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 10_000,
+    question_field: Annotated[str, typer.Option(help="--task jsonl: field holding the question (dotted names reach into objects).")] = "question",
+    answer_field: Annotated[str, typer.Option(help="--task jsonl: field holding the gold answer.")] = "answer",
+    answer_type: Annotated[AnswerType, typer.Option(help="--task jsonl: number, yesno, choice (needs --choices-field) or text.")] = AnswerType.number,
+    choices_field: Annotated[Optional[str], typer.Option(help="--task jsonl: field holding the choices (strings, or objects with label and text).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Run a task under several decoders on the same problems; report accuracy side by side.
+
+    Decoder specs: base | expert | expert@SCALE | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA,
+    each optionally followed by :beamN (beam search). See docs/eval.md.
+
+    Examples:
+
+      cold eval --task gsm8k --limit 50 --decoders expert,cold@0.1/0.5
+
+      cold eval --task coin_flip --prompt few-shot --decoders base,expert,expert@1.5,cold@0.1/0.5,cold-logprob@0.1/0.5
+
+      cold eval --task jsonl --data my.jsonl --question-field q --answer-field a --answer-type text
+    """
+    try:
+        _run(**locals())
+    except ColdError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished batches are saved; rerun the same command to resume")
+        raise typer.Exit(130) from None
+
+
+def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
+         batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
+         device, dtype) -> None:
+    from cold.evaluation import decoders as decoder_specs
+    from cold.evaluation import report, runner, tasks
+    from cold.evaluation.prompts import make_style
+
+    specs = decoder_specs.parse_decoders(decoders)
+    if max_new_tokens < 1:
+        raise ColdError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ColdError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ColdError(f"--limit must be >= 1, got {limit}")
+    if bootstrap < 100:
+        raise ColdError(f"--bootstrap must be >= 100, got {bootstrap}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ColdError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+    the_task = tasks.get_task(task, question_field, answer_field, answer_type.value, choices_field)
+    if the_task.name == tasks.GENERIC:
+        if data is None:
+            raise ColdError("--task jsonl needs --data FILE.jsonl")
+        if split is not None:
+            raise ColdError("--split applies to built-in tasks only; --task jsonl reads the --data file")
+    elif split is not None and data is not None:
+        raise ColdError("give either --split (a built-in file) or --data (your own file), not both")
+    split_name = None if the_task.name == tasks.GENERIC or data is not None else (split or the_task.default_split)
+    path = the_task.path(split_name, data)
+    problems = the_task.read(path)
+    total = len(problems)
+    own = []
+    if prompt is PromptChoice.few_shot and not the_task.family:  # exemplars from the file itself
+        if shots >= len(problems):
+            raise ColdError(f"--shots {shots}: {path} has only {len(problems)} rows (exemplars come from its first rows)")
+        own, problems = problems[:shots], problems[shots:]
+    style = make_style(prompt.value, the_task.family, shots, instruction, own)
+    chosen = tasks.select(problems, limit, seed)
+
+    adapter_path = _adapter_path(model, adapter, specs)
+    settings = {
+        "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": runner.fingerprint(path),
+        "answer_type": the_task.answer_type, "model": model,
+        "adapter": str(adapter_path) if adapter_path else None,
+        "adapter_sha1": runner.fingerprint(adapter_path) if adapter_path else None,
+        "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
+        "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
+    }
+    if the_task.name == tasks.GENERIC:
+        settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
+    name = f"{the_task.name}-{split_name}" if split_name else path.stem
+    out = out_dir or Path("eval-runs") / f"{name}-{prompt.value}"
+    runner.open_run_dir(out, settings, informational=("data", "adapter"))
+
+    engine = _LazyEngine(model, adapter_path, device, dtype)
+    sample = f"{len(chosen)} of {total} problems" + (f" (seeded sample, --seed {seed})" if len(chosen) < len(problems) else "")
+    if own:
+        sample += f"; rows 0-{len(own) - 1} are the few-shot exemplars"
+    err.print(f"{the_task.name}{f' ({split_name})' if split_name else ''}: {sample}; decoders {', '.join(s.label for s in specs)} -> {out}", markup=False)
+    with _progress() as progress:
+        results, generated = runner.run_decoders(
+            engine, chosen, specs, style, the_task.answer_type, out,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        )
+    err.print("generated: " + "; ".join(f"{label} {n} new, {len(chosen) - n} from records" for label, n in generated.items())
+              if any(generated.values()) else "nothing to generate: every problem has a record for every decoder", markup=False)
+
+    command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
+                       limit, seed, batch_size, out, headline.value, question_field, answer_field, answer_type.value,
+                       choices_field, device, dtype, the_task.name == tasks.GENERIC)
+    info = {**settings, "data": _shown(path), "adapter": _shown(adapter_path) if adapter_path else None, "selection": sample, "device": device, "batch_size": batch_size, "command": command,
+            "prompt": prompt.value + (f" ({shots} shots)" if prompt is PromptChoice.few_shot else "")}
+    summary = report.summarize(results, headline.value, bootstrap, info=info)
+    report.print_tables(summary, stdout)
+    for written in report.write_outputs(summary, out):
+        err.print(f"wrote {written}", markup=False)
+
+
+def _shown(path: Path) -> str:
+    """A path for reports: relative to the working directory when that is short, else absolute."""
+    import os
+
+    absolute = path.resolve()
+    try:
+        relative = os.path.relpath(absolute)
+    except ValueError:  # another drive
+        return str(absolute)
+    return relative if relative.count("..") <= 2 else str(absolute)
+
+
+def _adapter_path(model: str, adapter: Optional[Path], specs) -> Optional[Path]:
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise ColdError(f"--adapter {adapter}: directory not found")
+        return adapter
+    from cold.demo import demo_adapter_dir
+
+    path = demo_adapter_dir(model)
+    if path is None and any(s.needs_adapter for s in specs):
+        needing = ", ".join(s.label for s in specs if s.needs_adapter)
+        raise ColdError(f"decoders {needing} need a LoRA adapter and model {model!r} has no built-in one; give --adapter DIR")
+    return path
+
+
+class _LazyEngine:
+    """Loads the model on the first generation, so a fully resumed run never loads it."""
+
+    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str):
+        self.args = model, adapter, device, dtype
+        self.engine = None
+
+    def generate(self, prompts, **kwargs):
+        return self.load().generate(prompts, **kwargs)
+
+    def load(self):
+        if self.engine is None:
+            from cold.engine import Engine
+
+            model, adapter, device, dtype = self.args
+            with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "") + " …"):
+                self.engine = Engine.load(model, {adapter.name: str(adapter)} if adapter else {}, device=device, dtype=dtype)
+                self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
+        return self.engine
+
+
+class _progress:
+    """A rich progress bar on stderr, one line per decoder: `with _progress() as update: update(label, done, total)`."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=err)
+        self.bar.__enter__()
+        self.tasks: dict[str, int] = {}
+        return self.update
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=total, completed=done)
+        self.bar.update(self.tasks[label], completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _command(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
+             batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic) -> str:
+    """The command line that reproduces this run (defaults left out)."""
+    args = ["cold", "eval", "--task", task]
+    optional = [
+        ("--data", data), ("--split", split), ("--decoders", decoders), ("--model", None if model == "smollm2" else model),
+        ("--adapter", adapter), ("--prompt", None if prompt == "chat" else prompt),
+        ("--shots", shots if prompt == "few-shot" and shots != 4 else None), ("--instruction", instruction or None),
+        ("--max-new-tokens", None if max_new_tokens == 256 else max_new_tokens), ("--limit", limit),
+        ("--seed", seed if limit is not None else None), ("--batch-size", None if batch_size == 16 else batch_size),
+        ("--out", out), ("--headline", None if headline == "flexible" else headline),
+        ("--device", None if device == "cpu" else device), ("--dtype", None if dtype == "float32" else dtype),
+    ]
+    if generic:
+        optional += [("--question-field", question_field), ("--answer-field", answer_field),
+                     ("--answer-type", answer_type), ("--choices-field", choices_field)]
+    for flag, value in optional:
+        if value is not None:
+            args += [flag, str(value)]
+    return shlex.join(args)

@@ -1,0 +1,219 @@
+"""Run decoders on the same problems; one resumable JSONL record file per decoder.
+
+    OUT/run.json                 the settings every record depends on (checked on every rerun)
+    OUT/records/<decoder>.jsonl  one line per finished problem, appended after every batch
+
+A rerun with the same OUT reads the record files and generates only the problems that have no
+record yet (a larger --limit with the same --seed extends the sample; new decoders are added).
+A rerun whose settings differ (model, adapter, task file, prompt, max tokens, ...) is refused
+rather than mixing two experiments. Answers are re-extracted from the stored output on every
+load, so a change of the extraction rules re-scores old records without generating again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cold.errors import ColdError
+from cold.evaluation.decoders import DecoderSpec
+from cold.evaluation.extract import RULES, extract, is_correct
+from cold.evaluation.prompts import PromptStyle
+from cold.evaluation.tasks import Problem
+
+SCHEMA = "cold-eval/1"
+RUN_FILE = "run.json"
+RECORDS_DIR = "records"
+
+Progress = Callable[[str, int, int], None]  # (decoder label, problems done, problems in total)
+
+
+# ---- run settings ----------------------------------------------------------------------------
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha1 of a file, or of a directory's adapter files (config and weights, not its README)."""
+    path = Path(path)
+    digest = hashlib.sha1()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.name == "adapter_config.json" or p.suffix in (".safetensors", ".bin")
+    )
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def open_run_dir(out: Path, settings: dict, informational: Sequence[str] = ()) -> Path:
+    """Create OUT (or reopen it); refuse when its recorded settings differ from `settings`.
+
+    Keys in `informational` (e.g. file paths, which change between machines) are recorded but
+    not compared; the files' fingerprints are compared instead.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORDS_DIR).mkdir(exist_ok=True)
+    run_file = out / RUN_FILE
+    settings = {"schema": SCHEMA, **settings}
+    if run_file.is_file():
+        try:
+            old = json.loads(run_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise ColdError(f"{run_file}: not valid JSON; remove it or use another --out") from None
+        differ = [k for k in sorted(set(old) | set(settings)) if k not in informational and old.get(k) != settings.get(k)]
+        if differ:
+            details = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+            raise ColdError(f"--out {out} holds a run with other settings ({details}); use another --out or delete it")
+    else:
+        _write_atomic(run_file, json.dumps(settings, indent=2) + "\n")
+    return out
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+class RecordFile:
+    """One decoder's records: JSON lines keyed by problem id, appended batch by batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, dict]:
+        """Records by problem id. A cut-off last line (an interrupted write) is ignored."""
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        found: dict[str, dict] = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # no newline after it: the write was interrupted
+                    continue
+                raise ColdError(f"{self.path}:{number}: not valid JSON; remove the line (or the file) to regenerate it") from None
+            if not isinstance(record, dict) or "id" not in record or "output" not in record:
+                raise ColdError(f"{self.path}:{number}: not a record of `cold eval` (no 'id' / 'output')")
+            found[str(record["id"])] = record
+        return found
+
+    def append(self, records: Sequence[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_cut_line(self.path)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rewrite(self, records: Sequence[dict]) -> None:
+        _write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Remove what an interrupted write left after the last complete line."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0 or (handle.seek(size - 1), handle.read(1))[1] == b"\n":
+            return
+        handle.seek(0)
+        handle.truncate(handle.read().rfind(b"\n") + 1)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def score(record: dict, problem: Problem, answer_type: str) -> dict:
+    """Fill in gold, extracted answers and correctness from the record's output."""
+    answers = {rule: extract(record["output"], answer_type, rule, problem.choices) for rule in RULES}
+    record["gold"] = problem.gold
+    record["answer"] = answers
+    record["correct"] = {rule: is_correct(answers[rule], problem.gold) for rule in RULES}
+    return record
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def run_decoders(
+    engine,
+    problems: Sequence[Problem],
+    decoders: Sequence[DecoderSpec],
+    style: PromptStyle,
+    answer_type: str,
+    out: Path,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Generate what is missing; return (records of each decoder in problem order, new generations per decoder).
+
+    `engine` needs only `generate(prompts, chat=..., stop=..., max_new_tokens=..., **decoder kwargs)`
+    returning objects with `.text`, `.token_ids` and `.finish_reason` (cold.engine.Engine); if it
+    has a `load()` method, that is called before the first timed batch.
+    Problems are batched in order of prompt length (less padding); every decoder gets the same batches.
+    """
+    if batch_size < 1:
+        raise ColdError(f"--batch-size must be >= 1, got {batch_size}")
+    prompts = {p.id: style.render(p) for p in problems}
+    by_id = {p.id: p for p in problems}
+    results: dict[str, list[dict]] = {}
+    generated: dict[str, int] = {}
+    for spec in decoders:
+        store = RecordFile(out / RECORDS_DIR / spec.filename)
+        done = {i: r for i, r in store.load().items() if i in by_id}
+        pending = sorted((p for p in problems if p.id not in done), key=lambda p: (len(prompts[p.id]), int(p.id) if p.id.isdigit() else 0, p.id))
+        if progress:
+            progress(spec.label, len(done), len(problems))
+        if pending and hasattr(engine, "load"):
+            engine.load()  # a lazily loaded model: not inside the first batch's time
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            began = time.perf_counter()
+            outputs = engine.generate(
+                [prompts[p.id] for p in batch], chat=style.chat, stop=style.stop,
+                max_new_tokens=max_new_tokens, **spec.generate_kwargs(),
+            )
+            seconds = time.perf_counter() - began
+            new = [
+                score({
+                    "id": p.id, "decoder": spec.label, "prompt": prompts[p.id], "chat": style.chat,
+                    "output": g.text, "tokens": len(g.token_ids), "finish_reason": g.finish_reason,
+                    "hit_max": g.finish_reason == "length", "time_s": seconds / len(batch), "batch_size": len(batch),
+                }, p, answer_type)
+                for p, g in zip(batch, outputs)
+            ]
+            store.append(new)
+            done.update((r["id"], r) for r in new)
+            if progress:
+                progress(spec.label, len(done), len(problems))
+        generated[spec.label] = len(pending)
+        results[spec.label] = _rescored(store, done, problems, answer_type)
+    return results, generated
+
+
+def _rescored(store: RecordFile, done: dict[str, dict], problems: Sequence[Problem], answer_type: str) -> list[dict]:
+    """Records in problem order, re-extracted with the current rules (the file rewritten if that changed anything)."""
+    changed = False
+    for problem in problems:
+        record = done[problem.id]
+        before = (record.get("gold"), record.get("answer"), record.get("correct"))
+        score(record, problem, answer_type)
+        changed |= before != (record["gold"], record["answer"], record["correct"])
+    if changed:
+        everything = store.load()
+        everything.update(done)
+        store.rewrite(list(everything.values()))
+    return [done[p.id] for p in problems]
