@@ -53,6 +53,7 @@ def test_step_bench_writes_json_png_and_markdown(tiny_dir, tiny_lora, tmp_path):
         for key in NUMBERS:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["decoder"], key)
         assert r["step_p90_ms"] >= r["step_ms"]
+        assert r["body_ms"] is None or 0 < r["body_ms"] <= r["step_ms"] * 1.01
         assert r["tokens_per_s_total"] == pytest.approx(r["batch_size"] * r["tokens_per_s_per_prompt"])
         assert r["floor_ms"] == pytest.approx(r["weight_bytes_per_step"] / (report["bandwidth"]["copy_gbps"] * 1e9) * 1e3)
         assert len(r["step_ms_repeat_medians"]) == 2 and r["processes"] == 2  # one process per repeat
@@ -88,6 +89,8 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path):
     for r in report["rows"]:
         assert r["problems"] == 3 and len(r["lengths"]) == 3 and all(1 <= n <= 4 for n in r["lengths"])
         assert r["tokens"] == sum(r["lengths"]) and r["wall_s"] > 0 and 0 <= r["hit_max_fraction"] <= 1
+        assert 0 < r["prefill_s"] < r["wall_s"] and r["decode_s"] == pytest.approx(r["wall_s"] - r["prefill_s"])
+        assert len(r["batch_wall_s"]) == 2 and r["wall_s"] == pytest.approx(sum(r["batch_wall_s"]))  # batches of 2, 1
     assert report["paired"]["expert_hit_max"] >= report["paired"]["of_which_cold_stopped"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shlex
 import sys
 import tempfile
@@ -62,18 +63,22 @@ class Cells:
     def __init__(self, isolate: bool = True):
         self.isolate = isolate
         self.pool = None
+        self.cpu_s = 0.0  # CPU time the cells' processes used (to tell other processes' load apart)
         if isolate:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(self.PRELOAD)
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+            self.pool.submit(os.getpid).result()  # start the server (its imports) before anything is measured
 
     def run(self, function, spec: dict, what: str) -> dict:
         if self.pool is None:
             return function(spec)
         try:
-            return self.pool.submit(function, spec).result()
+            result = self.pool.submit(function, spec).result()
         except BrokenProcessPool as exc:
             raise ColdError(f"the process measuring {what} died (out of memory?)") from exc
+        self.cpu_s += result.get("cpu_s", 0.0)
+        return result
 
     def close(self) -> None:
         if self.pool is not None:
@@ -150,6 +155,36 @@ def machine_info() -> dict:
     }
 
 
+class LoadMeter:
+    """How busy the machine was with *other* work during a run: all CPU time the kernel counted
+    (/proc/stat) minus what this process and its cells used, per second of wall time, in cores
+    (0 = quiet; the forkserver's imports count as other work, a few CPU seconds)."""
+
+    def __init__(self, cells: Cells):
+        self.cells = cells
+        self.start_busy, self.start_wall, self.start_ours = self._busy(), time.perf_counter(), self._ours()
+
+    def _ours(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime + self.cells.cpu_s
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def other_cores(self) -> float | None:
+        end = self._busy()
+        if end is None or self.start_busy is None:
+            return None
+        ours = self._ours() - self.start_ours
+        return max(0.0, (end - self.start_busy - ours) / (time.perf_counter() - self.start_wall))
+
+
 def _resolve_adapter(model: str, adapter: str | None, tmp: Path) -> tuple[str | None, str | None]:
     """(adapter dir, directory to write a random LoRA into): the given one, the demo one, or a random one."""
     from cold.demo import demo_adapter_dir
@@ -175,6 +210,7 @@ def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
     s = settings
     common = {k: s[k] for k in ("model", "device", "dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
     machine = machine_info()
+    meter = LoadMeter(cells)
     say = progress or (lambda text: None)
     say("reading the model, drawing prompts")
     info = cells.run(bench_cells.info_cell, {**common, "adapter": s["adapter"], "make_adapter": s["make_adapter"],
@@ -200,6 +236,7 @@ def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
     bandwidth.append(cells.run(bench_cells.bandwidth_cell, bandwidth_spec, "copy bandwidth"))
     results = [merge_cells(parts[(d, b)]) for b in s["batch_sizes"] for d in s["decoders"]]
     machine["load_average_end"] = list(os.getloadavg())
+    machine["other_cores_busy"] = meter.other_cores()
     machine["threads"] = results[0]["threads"] if results else bandwidth[0]["threads"]
     best = max(b["copy_gbps"] for b in bandwidth)
     rows = bench_report.summarize(results, info, best)
@@ -230,8 +267,8 @@ def merge_cells(parts: list[dict]) -> dict:
     merged = dict(parts[-1])
     for key in ("prefill_ms", "step_ms"):
         merged[key] = [v for p in parts for v in p[key]]
-    forwards = [p["forward_ms"] for p in parts]
-    merged["forward_ms"] = None if any(f is None for f in forwards) else [v for f in forwards for v in f]
+    bodies = [p["body_ms"] for p in parts]
+    merged["body_ms"] = None if any(f is None for f in bodies) else [v for f in bodies for v in f]
     for key in ("peak_rss_mb", "load_peak_rss_mb", "peak_gpu_mb"):
         values = [p[key] for p in parts if p[key] is not None]
         merged[key] = max(values) if values else None
@@ -265,24 +302,46 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
     s = settings
     say = progress or (lambda text: None)
     machine = machine_info()
+    meter = LoadMeter(cells)
     questions = load_questions(Path(s["e2e_file"]), s["e2e"])
     common = {k: s[k] for k in ("model", "device", "dtype", "threads", "alpha", "beta", "new_tokens")}
     if s["make_adapter"]:
         say("making a random LoRA")
         cells.run(bench_cells.info_cell, {**common, "adapter": None, "make_adapter": s["make_adapter"], "max_batch": 1,
                                           "prompt_tokens": 1, "seed": 0}, "the model")
-    results = []
-    for decoder in s["decoders"]:
-        say(f"end to end: {decoder} on {len(questions)} problems")
-        spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": questions, "batch_size": s["e2e_batch_size"]}
-        results.append(cells.run(bench_cells.e2e_cell, spec, f"{decoder} end to end"))
+    size = s["e2e_batch_size"]
+    batches = [questions[i : i + size] for i in range(0, len(questions), size)]
+    parts: dict[str, list[dict]] = {d: [] for d in s["decoders"]}
+    for number, batch in enumerate(batches):  # interleaved, order flipped per batch: drift hits both alike
+        order = s["decoders"] if number % 2 == 0 else s["decoders"][::-1]
+        for decoder in order:
+            say(f"end to end, batch {number + 1}/{len(batches)}: {decoder}")
+            spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": batch}
+            parts[decoder].append(cells.run(bench_cells.e2e_cell, spec, f"{decoder} end to end"))
+    results = [
+        {
+            "decoder": d,
+            "threads": ps[0]["threads"],
+            "wall_s": sum(p["wall_s"] for p in ps),
+            "batch_wall_s": [p["wall_s"] for p in ps],
+            "prefill_s": None if any(p["prefill_s"] is None for p in ps) else sum(p["prefill_s"] for p in ps),
+            "lengths": [n for p in ps for n in p["lengths"]],
+            "finish_reasons": [r for p in ps for r in p["finish_reasons"]],
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in ps),
+        }
+        for d, ps in parts.items()
+    ]
     machine["load_average_end"] = list(os.getloadavg())
+    machine["other_cores_busy"] = meter.other_cores()
     machine["threads"] = results[0]["threads"]
     rows = bench_report.summarize_e2e(results)
     return {
         "schema": SCHEMA, "mode": "e2e", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(s),
         "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"]},
-        "memory": {"isolated": cells.isolate, "method": "VmHWM of the cell's process from after the warm-up to the end"},
+        "memory": {"isolated": cells.isolate, "method": "VmHWM of the measuring process from after the warm-up to the "
+                                                           "end; the largest over the batches"},
+        "timing": "one fresh process per batch of problems and decoder, decoders interleaved (order flipped every "
+                  "batch); wall_s sums the batches' decode times (after loading and a short warm-up)",
         "rows": rows, "paired": bench_report.e2e_paired(rows),
     }
 

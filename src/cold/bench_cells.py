@@ -70,6 +70,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_gpu_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
@@ -80,7 +86,11 @@ def _sync(device: torch.device) -> None:
 
 
 class ForwardClock:
-    """Adds up the wall time spent inside `module.__call__` (hooks; nothing if the module is bypassed)."""
+    """Adds up the wall time spent inside `module.__call__` (hooks; nothing if the module is bypassed).
+
+    Runners hand it the transformer body (`get_decoder()`: embeddings, layers, final norm), the
+    part every decoder runs alike; the LM head and the pick stay outside, in `step - body`.
+    """
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.total = 0.0
@@ -120,7 +130,7 @@ class EngineRunner:
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
         self.engine = Engine(base, adapters)
         self.engine.eos_ids = set()  # never stop early: every decoder does `new_tokens` steps
-        self.module = self.engine.model
+        self.module = self.engine.model.get_decoder()  # the transformer body, timed by ForwardClock
         self.params = DecodeParams(
             decoder=decoder, alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"] + 1
         )
@@ -156,13 +166,13 @@ class HFRunner:
         self.alpha, self.beta = spec["alpha"], spec["beta"]
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]).model
         self.config = base.config
+        self.module = base.get_decoder()  # the transformer body (PEFT and merging keep this module)
         dtype = next(base.parameters()).dtype
         peft_model = PeftModel.from_pretrained(base, spec["adapter"]).to(dtype).eval()
         if self.decoder == "expert-merged":
             self.model = peft_model.merge_and_unload()  # in place: this process holds one copy
         else:
             self.model = peft_model
-        self.module = self.model
         self.tokens: list[list[int]] = []
         self.logits = self.caches = self.names = None
 
@@ -239,7 +249,7 @@ def decoder_cell(spec: dict) -> dict:
     load_peak = peak_rss_mb()
     clock = ForwardClock(runner.module, device)
     peak_reset = reset_peak_memory(device)  # the decode peak below starts from the loaded model
-    prefill_ms, step_ms, forward_ms = [], [], []
+    prefill_ms, step_ms, body_ms = [], [], []
     with torch.inference_mode():
         runner.prefill(prompts)
         for _ in range(min(new_tokens, spec["warmup"])):
@@ -257,11 +267,11 @@ def decoder_cell(spec: dict) -> dict:
                 runner.step()
                 _sync(device)
                 step_ms.append((time.perf_counter() - t) * 1e3)
-                forward_ms.append((clock.total - before) * 1e3 if clock.calls > calls else None)
+                body_ms.append((clock.total - before) * 1e3 if clock.calls > calls else None)
             tokens = runner.tokens
             runner.finish()
     clock.remove()
-    forwards = [f for f in forward_ms if f is not None]
+    bodies = [f for f in body_ms if f is not None]
     return {
         "decoder": spec["decoder"],
         "batch_size": len(prompts),
@@ -271,9 +281,10 @@ def decoder_cell(spec: dict) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_reset": peak_reset,
         "peak_gpu_mb": peak_gpu_mb(device),
+        "cpu_s": cpu_seconds(),
         "prefill_ms": prefill_ms,
         "step_ms": step_ms,
-        "forward_ms": forwards if len(forwards) == len(step_ms) else None,
+        "body_ms": bodies if len(bodies) == len(step_ms) else None,
         "tokens": tokens,
     }
 
@@ -294,7 +305,8 @@ def bandwidth_cell(spec: dict) -> dict:
         if i >= 2:  # two warm-up copies
             times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
-    return {"copy_gbps": 2 * n * 4 / seconds / 1e9, "bytes": n * 4, "threads": threads, "seconds": times}
+    return {"copy_gbps": 2 * n * 4 / seconds / 1e9, "bytes": n * 4, "threads": threads, "seconds": times,
+            "cpu_s": cpu_seconds()}
 
 
 def info_cell(spec: dict) -> dict:
@@ -336,6 +348,7 @@ def info_cell(spec: dict) -> dict:
         "lora_params": lora_params,
         "lora_bytes": lora_params * element,
         "prompts": random_prompts(tokenizer, model.config, spec["max_batch"], spec["prompt_tokens"], spec["seed"]),
+        "cpu_s": cpu_seconds(),
     }
 
 
@@ -386,8 +399,28 @@ def make_random_lora(model: torch.nn.Module, path: Path, rank: int = 8, seed: in
     return path
 
 
+def _time_calls(obj, name: str, device: torch.device) -> list[float]:
+    """Wrap the bound method `obj.name` (if it exists) to record the seconds of each call."""
+    seconds: list[float] = []
+    method = getattr(obj, name, None)
+    if method is None:
+        return seconds
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t = time.perf_counter()
+        result = method(*args, **kwargs)
+        _sync(device)
+        seconds.append(time.perf_counter() - t)
+        return result
+
+    setattr(obj, name, timed)
+    return seconds
+
+
 def e2e_cell(spec: dict) -> dict:
-    """End to end: chat prompts, EOS honoured, `cold generate`'s batching; wall time and lengths."""
+    """End to end on one batch of problems: chat prompts, EOS honoured, finished rows leave the
+    batch (as in `cold generate`); wall time after a short warm-up, generated lengths."""
     from cold.adapters import read_adapter
     from cold.engine import Engine
     from cold.models import load_base
@@ -397,22 +430,22 @@ def e2e_cell(spec: dict) -> dict:
     device = torch.device(spec["device"])
     engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])])
     params = DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
-    questions, batch_size = spec["questions"], spec["batch_size"]
-    engine.generate(questions[:batch_size], params.with_(max_new_tokens=min(8, spec["new_tokens"])), chat=True)  # warm-up
+    questions = spec["questions"]
+    engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
+    prefill = _time_calls(engine, "prefill", device)
     reset_peak_memory(device)
-    lengths, reasons = [], []
+    _sync(device)
     started = time.perf_counter()
-    for start in range(0, len(questions), batch_size):
-        for g in engine.generate(questions[start : start + batch_size], params, chat=True):
-            lengths.append(len(g.token_ids))
-            reasons.append(g.finish_reason)
+    generations = engine.generate(questions, params, chat=True)
     _sync(device)
     return {
         "decoder": spec["decoder"],
         "threads": threads,
         "wall_s": time.perf_counter() - started,
-        "lengths": lengths,
-        "finish_reasons": reasons,
+        "prefill_s": sum(prefill) if prefill else None,
+        "lengths": [len(g.token_ids) for g in generations],
+        "finish_reasons": [g.finish_reason for g in generations],
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu_mb(device),
+        "cpu_s": cpu_seconds(),
     }

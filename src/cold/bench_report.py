@@ -39,7 +39,7 @@ def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict
     rows = []
     for cell in cells:
         step = _median(cell["step_ms"])
-        forward = _median(cell["forward_ms"]) if cell.get("forward_ms") else None
+        forward = _median(cell["body_ms"]) if cell.get("body_ms") else None
         batch = cell["batch_size"]
         read = info["weight_bytes"] + (info["lora_bytes"] if cell["decoder"] in USES_LORA else 0)
         floor_ms = read / (bandwidth_gbps * 1e9) * 1e3
@@ -50,8 +50,8 @@ def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict
             "prefill_ms": _median(cell["prefill_ms"]),
             "step_ms": step,
             "step_p90_ms": float(np.percentile(cell["step_ms"], 90)),
-            "forward_ms": forward,
-            "overhead_ms": step - forward if forward is not None else None,
+            "body_ms": forward,
+            "outside_body_ms": step - forward if forward is not None else None,
             "tokens_per_s_per_prompt": 1e3 / step,
             "tokens_per_s_total": batch * 1e3 / step,
             "peak_rss_mb": cell["peak_rss_mb"],
@@ -123,7 +123,7 @@ COLUMNS = [  # (header, key, format)
     ("prefill ms", "prefill_ms", "{:.0f}"),
     ("step ms", "step_ms", "{:.1f}"),
     ("p90 ms", "step_p90_ms", "{:.1f}"),
-    ("fwd ms", "forward_ms", "{:.1f}"),
+    ("body ms", "body_ms", "{:.1f}"),
     ("tok/s/prompt", "tokens_per_s_per_prompt", "{:.1f}"),
     ("tok/s total", "tokens_per_s_total", "{:.1f}"),
     ("peak MB", "peak_rss_mb", "{:.0f}"),
@@ -139,12 +139,19 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _quiet(machine: dict) -> str:
+    other = machine.get("other_cores_busy")
+    busy = "unknown" if other is None else f"{other:.2f} cores"
+    return (f"load average {machine['load_average_start'][0]:.2f} at start (1 min); "
+            f"other processes kept {busy} busy on average during the run")
+
+
 def header_lines(report: dict) -> list[str]:
     m, s, i, bw = report["machine"], report["settings"], report["info"], report["bandwidth"]
     lora = f"LoRA r={i['adapter_rank']} on {i['adapter_modules']} modules, {i['lora_bytes'] / 2**20:.1f} MiB" if i["adapter"] else "no adapter"
     return [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
-        f"threads {m['threads']}, load average {m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end",
+        f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} ({i['architecture']}, {i['params'] / 1e6:.0f}M params, {s['dtype']}, "
         f"{i['weight_bytes'] / 2**20:.0f} MiB read per step); {lora}",
         f"prompts: {s['prompt_tokens']} random tokens (seed {s['seed']}); {s['new_tokens']} decode steps, EOS ignored; "
@@ -238,11 +245,13 @@ E2E_COLUMNS = [
     ("decoder", "decoder", "{}"),
     ("problems", "problems", "{}"),
     ("wall s", "wall_s", "{:.1f}"),
+    ("prefill s", "prefill_s", "{:.1f}"),
     ("tokens", "tokens", "{}"),
     ("tokens/problem", "tokens_per_problem", "{:.1f}"),
     ("hit max %", "hit_max_fraction", "{:.0%}"),
     ("tok/s", "tokens_per_s", "{:.1f}"),
     ("s/token x expert", "per_token_vs_expert", "{:.2f}x"),
+    ("decode s/token x expert", "decode_per_token_vs_expert", "{:.2f}x"),
     ("wall x expert", "wall_vs_expert", "{:.2f}x"),
     ("peak MB", "peak_rss_mb", "{:.0f}"),
 ]
@@ -257,12 +266,17 @@ def summarize_e2e(cells: list[dict]) -> list[dict]:
             "tokens_per_problem": tokens / max(len(c["lengths"]), 1),
             "hit_max_fraction": sum(r == "length" for r in c["finish_reasons"]) / max(len(c["lengths"]), 1),
             "tokens_per_s": tokens / c["wall_s"], "peak_rss_mb": c["peak_rss_mb"], "lengths": c["lengths"],
-            "finish_reasons": c["finish_reasons"],
+            "finish_reasons": c["finish_reasons"], "batch_wall_s": c.get("batch_wall_s"), "prefill_s": c.get("prefill_s"),
+            "decode_s": c["wall_s"] - c["prefill_s"] if c.get("prefill_s") is not None else None,
         })
     expert = next((r for r in rows if r["decoder"] == "expert"), None)
     for r in rows:
         r["wall_vs_expert"] = r["wall_s"] / expert["wall_s"] if expert else None
         r["per_token_vs_expert"] = (r["wall_s"] / max(r["tokens"], 1)) / (expert["wall_s"] / max(expert["tokens"], 1)) if expert else None
+        timed = expert and r["decode_s"] is not None and expert["decode_s"] is not None
+        r["decode_per_token_vs_expert"] = (
+            (r["decode_s"] / max(r["tokens"], 1)) / (expert["decode_s"] / max(expert["tokens"], 1)) if timed else None
+        )
     return rows
 
 
@@ -292,10 +306,11 @@ def e2e_header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
     return [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
-        f"threads {m['threads']}, load average {m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end",
+        f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} {s['dtype']}, adapter {report['info']['adapter']}",
         f"task: the first {s['e2e']} problems of {s['e2e_file']}, chat prompt, batches of {s['e2e_batch_size']} "
-        f"(finished rows leave the batch), EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}",
+        f"(finished rows leave the batch), EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}; "
+        f"each batch and decoder in a fresh process, decoders interleaved",
     ]
 
 
