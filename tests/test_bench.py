@@ -75,13 +75,15 @@ def test_step_bench_writes_json_png_and_markdown(tiny_dir, tiny_lora, tmp_path):
     assert "cold-naive" in result.stdout and "step ms" in result.stdout
 
 
-def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path):
+@pytest.mark.parametrize("refill", [False, True])
+def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, refill):
     problems = tmp_path / "gsm8k.jsonl"
     problems.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in ("1+1?", "2+3?", "Why?")))
     report_path, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--e2e", "3",
                                  "--e2e-file", str(problems), "--e2e-batch-size", "2", "--new-tokens", "4", "--threads", "1",
-                                 "--no-isolate", "--json", str(report_path), "--plot", str(png)])
+                                 "--no-isolate", "--json", str(report_path), "--plot", str(png)]
+                                + (["--e2e-refill"] if refill else []))
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["mode"] == "e2e" and report["memory"]["isolated"] is False
@@ -90,7 +92,12 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path):
         assert r["problems"] == 3 and len(r["lengths"]) == 3 and all(1 <= n <= 4 for n in r["lengths"])
         assert r["tokens"] == sum(r["lengths"]) and r["wall_s"] > 0 and 0 <= r["hit_max_fraction"] <= 1
         assert 0 < r["prefill_s"] < r["wall_s"] and r["decode_s"] == pytest.approx(r["wall_s"] - r["prefill_s"])
-        assert len(r["batch_wall_s"]) == 2 and r["wall_s"] == pytest.approx(sum(r["batch_wall_s"]))  # batches of 2, 1
+        groups = 1 if refill else 2  # static: batches of 2 and 1, one per process; refill: one group of up to 8
+        assert len(r["batch_wall_s"]) == groups and r["wall_s"] == pytest.approx(sum(r["batch_wall_s"]))
+        if refill:
+            assert max(r["lengths"]) <= r["steps"] <= sum(r["lengths"])
+        else:
+            assert r["steps"] == max(r["lengths"][:2]) + r["lengths"][2]
     assert report["paired"]["expert_hit_max"] >= report["paired"]["of_which_cold_stopped"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -45,6 +45,7 @@ DEFAULT_DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 E2E_DECODERS = ("expert", "cold")
+REFILL_GROUP = 4  # with --e2e-refill, each measuring process decodes 4 batches' worth of problems
 SCHEMA = "cold-bench/1"
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # wide tables in files
@@ -122,6 +123,7 @@ def command_line(s: dict) -> str:
         parts += ["--adapter", s["adapter_given"]]
     if s["e2e"]:
         parts += ["--e2e", str(s["e2e"]), "--e2e-file", s["e2e_file"], "--e2e-batch-size", str(s["e2e_batch_size"])]
+        parts += ["--e2e-refill"] if s["e2e_refill"] else []
     else:
         parts += ["--batch-sizes", ",".join(map(str, s["batch_sizes"])), "--prompt-tokens", str(s["prompt_tokens"]),
                   "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--seed", str(s["seed"])]
@@ -309,14 +311,15 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
         say("making a random LoRA")
         cells.run(bench_cells.info_cell, {**common, "adapter": None, "make_adapter": s["make_adapter"], "max_batch": 1,
                                           "prompt_tokens": 1, "seed": 0}, "the model")
-    size = s["e2e_batch_size"]
+    size = s["e2e_batch_size"] * (REFILL_GROUP if s["e2e_refill"] else 1)  # problems per measuring process
     batches = [questions[i : i + size] for i in range(0, len(questions), size)]
     parts: dict[str, list[dict]] = {d: [] for d in s["decoders"]}
     for number, batch in enumerate(batches):  # interleaved, order flipped per batch: drift hits both alike
         order = s["decoders"] if number % 2 == 0 else s["decoders"][::-1]
         for decoder in order:
-            say(f"end to end, batch {number + 1}/{len(batches)}: {decoder}")
-            spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": batch}
+            say(f"end to end, group {number + 1}/{len(batches)}: {decoder}")
+            spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": batch,
+                    "batch_size": s["e2e_batch_size"], "refill": s["e2e_refill"]}
             parts[decoder].append(cells.run(bench_cells.e2e_cell, spec, f"{decoder} end to end"))
     results = [
         {
@@ -327,6 +330,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
             "prefill_s": None if any(p["prefill_s"] is None for p in ps) else sum(p["prefill_s"] for p in ps),
             "lengths": [n for p in ps for n in p["lengths"]],
             "finish_reasons": [r for p in ps for r in p["finish_reasons"]],
+            "steps": sum(p["steps"] for p in ps),
             "peak_rss_mb": max(p["peak_rss_mb"] for p in ps),
         }
         for d, ps in parts.items()
@@ -340,8 +344,9 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
         "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"]},
         "memory": {"isolated": cells.isolate, "method": "VmHWM of the measuring process from after the warm-up to the "
                                                            "end; the largest over the batches"},
-        "timing": "one fresh process per batch of problems and decoder, decoders interleaved (order flipped every "
-                  "batch); wall_s sums the batches' decode times (after loading and a short warm-up)",
+        "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill) and decoder, decoders "
+                  "interleaved (order flipped every group); wall_s sums the groups' decode times (after loading and a "
+                  "short warm-up); prefill_s the part of it spent in Engine.prefill",
         "rows": rows, "paired": bench_report.e2e_paired(rows),
     }
 
@@ -376,6 +381,7 @@ def bench_command(
     e2e: Annotated[int, typer.Option(help="End-to-end mode: decode this many GSM8K test problems instead (0 = off).")] = 0,
     e2e_file: Annotated[Path, typer.Option(help="GSM8K-style JSONL with a 'question' field.")] = DEFAULT_GSM8K,
     e2e_batch_size: Annotated[int, typer.Option(help="Problems decoded together in end-to-end mode.")] = 16,
+    e2e_refill: Annotated[bool, typer.Option("--e2e-refill", help="End to end with continuous batching: a new problem joins as soon as one finishes (default: static batches, like cold generate).")] = False,
 ) -> None:
     """Measure decode speed of CoLD and its baselines side by side (step time, prefill, memory, bandwidth floor).
 
@@ -405,7 +411,7 @@ def bench_command(
             "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "alpha": alpha, "beta": beta, "seed": seed,
             "device": device, "dtype": dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
-            "e2e": e2e, "e2e_file": str(e2e_file), "e2e_batch_size": e2e_batch_size,
+            "e2e": e2e, "e2e_file": str(e2e_file), "e2e_batch_size": e2e_batch_size, "e2e_refill": e2e_refill,
         }
         with tempfile.TemporaryDirectory(prefix="cold-bench-") as tmp:
             settings["adapter"], settings["make_adapter"] = _resolve_adapter(model, adapter, Path(tmp))

@@ -418,9 +418,30 @@ def _time_calls(obj, name: str, device: torch.device) -> list[float]:
     return seconds
 
 
+def decode_refilling(engine, questions: list[str], params, batch_size: int) -> tuple[list[int], list[str], int]:
+    """Continuous batching: keep `batch_size` sequences running, a new problem joins as soon as
+    one finishes (`RunningBatch.join` between steps, as the server does). Lengths, reasons, steps."""
+    from cold.running import RunningBatch
+
+    requests = [engine.make_request(q, params, chat=True) for q in questions]
+    lengths, reasons = [0] * len(requests), [""] * len(requests)
+    batch, joined, steps = RunningBatch(engine), 0, 0
+    while joined < len(requests) or len(batch):
+        free = min(batch_size - len(batch), len(requests) - joined)
+        if free > 0:
+            batch.join(requests[joined : joined + free], list(range(joined, joined + free)))
+            joined += free
+        steps += 1
+        for key, event in batch.step():
+            lengths[key] += len(event.token_ids)
+            reasons[key] = event.finish_reason or reasons[key]
+    return lengths, reasons, steps
+
+
 def e2e_cell(spec: dict) -> dict:
-    """End to end on one batch of problems: chat prompts, EOS honoured, finished rows leave the
-    batch (as in `cold generate`); wall time after a short warm-up, generated lengths."""
+    """End to end on a group of problems: chat prompts, EOS honoured. Static batches (finished rows
+    leave, as in `cold generate`) or, with `refill`, continuous batching; wall time after a short
+    warm-up, generated lengths."""
     from cold.adapters import read_adapter
     from cold.engine import Engine
     from cold.models import load_base
@@ -436,15 +457,24 @@ def e2e_cell(spec: dict) -> dict:
     reset_peak_memory(device)
     _sync(device)
     started = time.perf_counter()
-    generations = engine.generate(questions, params, chat=True)
+    if spec.get("refill"):
+        lengths, reasons, steps = decode_refilling(engine, questions, params, spec["batch_size"])
+    else:
+        lengths, reasons, steps = [], [], 0
+        for start in range(0, len(questions), spec["batch_size"]):
+            generations = engine.generate(questions[start : start + spec["batch_size"]], params, chat=True)
+            lengths += [len(g.token_ids) for g in generations]
+            reasons += [g.finish_reason for g in generations]
+            steps += max(len(g.token_ids) for g in generations)  # a static batch runs until its longest row ends
     _sync(device)
     return {
         "decoder": spec["decoder"],
         "threads": threads,
         "wall_s": time.perf_counter() - started,
         "prefill_s": sum(prefill) if prefill else None,
-        "lengths": [len(g.token_ids) for g in generations],
-        "finish_reasons": [g.finish_reason for g in generations],
+        "lengths": lengths,
+        "finish_reasons": reasons,
+        "steps": steps,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu_mb(device),
         "cpu_s": cpu_seconds(),

@@ -248,6 +248,7 @@ E2E_COLUMNS = [
     ("prefill s", "prefill_s", "{:.1f}"),
     ("tokens", "tokens", "{}"),
     ("tokens/problem", "tokens_per_problem", "{:.1f}"),
+    ("steps", "steps", "{}"),
     ("hit max %", "hit_max_fraction", "{:.0%}"),
     ("tok/s", "tokens_per_s", "{:.1f}"),
     ("s/token x expert", "per_token_vs_expert", "{:.2f}x"),
@@ -267,6 +268,7 @@ def summarize_e2e(cells: list[dict]) -> list[dict]:
             "hit_max_fraction": sum(r == "length" for r in c["finish_reasons"]) / max(len(c["lengths"]), 1),
             "tokens_per_s": tokens / c["wall_s"], "peak_rss_mb": c["peak_rss_mb"], "lengths": c["lengths"],
             "finish_reasons": c["finish_reasons"], "batch_wall_s": c.get("batch_wall_s"), "prefill_s": c.get("prefill_s"),
+            "steps": c.get("steps"),
             "decode_s": c["wall_s"] - c["prefill_s"] if c.get("prefill_s") is not None else None,
         })
     expert = next((r for r in rows if r["decoder"] == "expert"), None)
@@ -308,9 +310,11 @@ def e2e_header_lines(report: dict) -> list[str]:
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} {s['dtype']}, adapter {report['info']['adapter']}",
-        f"task: the first {s['e2e']} problems of {s['e2e_file']}, chat prompt, batches of {s['e2e_batch_size']} "
-        f"(finished rows leave the batch), EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}; "
-        f"each batch and decoder in a fresh process, decoders interleaved",
+        f"task: the first {s['e2e']} problems of {s['e2e_file']}, chat prompt, "
+        + (f"continuous batching of {s['e2e_batch_size']} (a problem joins as one finishes; groups of "
+           f"{4 * s['e2e_batch_size']} problems per process)" if s.get("e2e_refill") else
+           f"static batches of {s['e2e_batch_size']} (finished rows leave, no refill; one batch per process)")
+        + f", EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}; decoders interleaved",
     ]
 
 
