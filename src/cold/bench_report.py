@@ -183,12 +183,18 @@ def print_report(report: dict, console: Console) -> None:
         console.print(t)
 
 
-def markdown(report: dict) -> str:
+def _markdown_table(report: dict, header: list[str], columns) -> list[str]:
+    """The command, the header bullets and the rows of `report` as Markdown lines."""
     lines = [f"Command: `{report['command']}`", ""]
-    lines += [f"- {line}" for line in header_lines(report)]
-    lines += ["", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [f"- {line}" for line in header]
+    lines += ["", "| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in report["rows"]:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in columns) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = _markdown_table(report, header_lines(report), COLUMNS)
     if report["targets"]:
         lines += ["", "| issue 4 target | value | limit | met |", "|---|---|---|---|"]
         for goal in report["targets"]:
@@ -341,11 +347,7 @@ def print_e2e(report: dict, console: Console) -> None:
 
 
 def markdown_e2e(report: dict) -> str:
-    lines = [f"Command: `{report['command']}`", ""]
-    lines += [f"- {line}" for line in e2e_header_lines(report)]
-    lines += ["", "| " + " | ".join(h for h, _, _ in E2E_COLUMNS) + " |", "|" + "---|" * len(E2E_COLUMNS)]
-    for row in report["rows"]:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in E2E_COLUMNS) + " |")
+    lines = _markdown_table(report, e2e_header_lines(report), E2E_COLUMNS)
     if report.get("paired"):
         lines += ["", _paired_sentence(report["paired"]) + "."]
     return "\n".join(lines) + "\n"

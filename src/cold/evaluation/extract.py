@@ -101,19 +101,11 @@ def extract(text: str, answer_type: str, rule: str, choices: Sequence[tuple[str,
         numbers = _NUMBER_RE.findall(text)
         return normalize_number(numbers[-1]) if numbers else None
     if answer_type == "yesno":
-        if strict:
-            match = _STRICT_YESNO_RE.search(text)
-            return match.group(1).lower() if match else None
-        words = _YESNO_RE.findall(text)
-        return words[-1].lower() if words else None
+        return _word_answer(text, strict, _STRICT_YESNO_RE, _YESNO_RE)
     if answer_type == "choice":
         return _extract_choice(text, strict, choices)
     if answer_type == "text":
-        if strict:
-            match = _STRICT_WORD_RE.search(text)
-            return match.group(1).lower() if match else None
-        words = _WORD_RE.findall(text)
-        return words[-1].lower() if words else None
+        return _word_answer(text, strict, _STRICT_WORD_RE, _WORD_RE)
     raise ValueError(f"answer type must be one of {ANSWER_TYPES}, got {answer_type!r}")
 
 
@@ -145,3 +137,12 @@ def _extract_choice(text: str, strict: bool, choices: Sequence[tuple[str, str]])
 def is_correct(answer: str | None, gold: str | None) -> bool:
     """Both normalised: correct when an answer was found and equals the gold answer."""
     return answer is not None and gold is not None and answer == gold
+
+
+def _word_answer(text: str, strict: bool, strict_re, loose_re) -> str | None:
+    """Strict: the word the strict pattern marks; flexible: the last matching word. Lower-cased."""
+    if strict:
+        match = strict_re.search(text)
+        return match.group(1).lower() if match else None
+    words = loose_re.findall(text)
+    return words[-1].lower() if words else None
