@@ -95,11 +95,9 @@ def beam_search(engine, requests) -> Iterator["object"]:
                 break
             beam_scores, beam_ids = new_scores, new_ids
             # Reorder every row (expert and amateur) to follow its beam's source.
-            seq_source = source.view(-1)
-            row_source = torch.tensor([0] * len(layout.rows), device=device)
+            seq_source = source.view(-1).tolist()
             row_of = {(r.seq, r.role): i for i, r in enumerate(layout.rows)}
-            for i, r in enumerate(layout.rows):
-                row_source[i] = row_of[(int(seq_source[r.seq]), r.role)]
+            row_source = torch.tensor([row_of[(seq_source[r.seq], r.role)] for r in layout.rows], device=device)
             cache.reorder_cache(row_source)
             row_tokens = next_tokens.view(-1)[torch.tensor([r.seq for r in layout.rows], device=device)]
             mask = torch.cat([mask[row_source], mask.new_ones(mask.shape[0], 1)], dim=1)
