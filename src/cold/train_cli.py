@@ -10,7 +10,7 @@ import typer
 def train(
     output_dir: Annotated[str, typer.Option(help="Where the PEFT adapter, log, model card and loss plot go.")],
     model: Annotated[str, typer.Option(help="Base model: 'smollm2', a Hugging Face directory, or a .gguf file.")] = "smollm2",
-    task: Annotated[str, typer.Option(help="Training task (its data is read from ../shared/data unless --data is given).")] = "gsm8k",
+    task: Annotated[str, typer.Option(help="gsm8k (../shared/data/gsm8k/train.jsonl), coin_flip or last_letters (generated gen-train split), unless --data is given.")] = "gsm8k",
     data: Annotated[Optional[str], typer.Option(help="Training file (JSONL) instead of the task's default.")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16,
@@ -21,6 +21,7 @@ def train(
     max_length: Annotated[int, typer.Option(help="Longer examples are skipped.")] = 384,
     seed: Annotated[int, typer.Option(help="Seed for the shuffle and the LoRA initialisation.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
+    save_at: Annotated[Optional[list[int]], typer.Option(help="Also save a snapshot adapter at this step, in OUTPUT_DIR/step-N (repeat).")] = None,
 ) -> None:
     """Train a LoRA adapter with PEFT (chat-formatted examples, loss on the answer only).
 
@@ -35,6 +36,7 @@ def train(
             base_model=model, task=task, data_path=data, output_dir=output_dir, rank=rank, lora_alpha=lora_alpha,
             target_modules=tuple(target or DEFAULT_TARGET_MODULES), max_steps=max_steps, batch_size=batch_size,
             learning_rate=learning_rate, max_length=max_length, seed=seed, threads=threads,
+            save_at=tuple(save_at or ()),
         )
     except ColdError as exc:
         err.print(f"[bold red]error:[/] {exc}")

@@ -70,13 +70,38 @@ def load_gsm8k(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-TASK_LOADERS = {"gsm8k": load_gsm8k}
+def load_worked_examples(path: Path) -> list[tuple[str, str]]:
+    """A generated symbolic split ({"examples": [{"question", "worked", ...}]}) into (question, worked answer)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        return [(row["question"], row["worked"]) for row in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ColdError(f"{path}: expected {{\"examples\": [{{\"question\", \"worked\"}}, ...]}} ({exc!r})") from exc
+
+
+TASK_LOADERS = {"gsm8k": load_gsm8k, "coin_flip": load_worked_examples, "last_letters": load_worked_examples}
+
+
+TASK_FORMATS = {
+    "gsm8k": "worked answer with the `<<a=b>>` calculator annotations removed, ending in `#### <number>`",
+    "coin_flip": "worked answer (who flips, how often, parity) ending in `The answer is yes|no.`",
+    "last_letters": "worked answer (each name's last letter, then the concatenation) ending in `The answer is <letters>.`",
+}
+
+
+def default_data(task: str) -> Path:
+    """GSM8K's public train file; the generated `gen-train` split of a symbolic task."""
+    if task in DEFAULT_DATA:
+        return DEFAULT_DATA[task]
+    from cold.evaluation.tasks import generated_file
+
+    return generated_file(task, "gen-train")
 
 
 def load_task(task: str, data_path: str | Path | None) -> tuple[Path, list[tuple[str, str]]]:
     if task not in TASK_LOADERS:
         raise ColdError(f"task {task!r} is not one of {', '.join(sorted(TASK_LOADERS))}")
-    path = Path(data_path) if data_path else DEFAULT_DATA[task]
+    path = Path(data_path) if data_path else default_data(task)
     if not path.is_file():
         raise ColdError(f"training data {path} not found")
     pairs = TASK_LOADERS[task](path)
@@ -255,11 +280,11 @@ def plot_loss(losses: list[float], path: Path) -> bool:
 def reproduce_command(hparams: dict) -> str:
     args = ["python", "-m", "cold.training"]
     for key in ("base_model", "task", "data_path", "output_dir", "rank", "lora_alpha", "max_steps",
-                "batch_size", "learning_rate", "max_length", "seed", "threads", "save_dtype"):
+                "batch_size", "learning_rate", "max_length", "seed", "threads", "save_dtype", "save_at"):
         value = hparams.get(key)
         if value is None:
             continue
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        args += [f"--{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     args += ["--target-modules", *hparams["target_modules"]]
     return shlex.join(args)
 
@@ -284,8 +309,7 @@ Weights are stored as {hp['save_dtype']} safetensors; load with
 
 - `{summary['data_path']}`: {summary['num_train_examples']} examples used
   ({summary['skipped_too_long']} longer than {hp['max_length']} tokens skipped).
-- Format: the tokenizer's chat template, user = question, assistant = worked answer with
-  the `<<a=b>>` calculator annotations removed, ending in `#### <number>`.
+- Format: the tokenizer's chat template, user = question, assistant = {TASK_FORMATS.get(hp['task'], 'the answer')}.
 - Loss only on the assistant tokens (answer and `{END_OF_TURN}`); prompt tokens are masked.
 - Examples seen: {summary['examples_seen']} ({summary['epochs']:.3f} epochs), seeded shuffle.
 
@@ -337,6 +361,7 @@ def train_lora(
     threads: int | None = None,
     save_dtype: str = "float16",
     log_every: int = 10,
+    save_at: tuple[int, ...] = (),
 ) -> dict:
     """Train a LoRA adapter and save it (plus log, model card, loss plot) to `output_dir`."""
     from tqdm.auto import tqdm
@@ -347,10 +372,12 @@ def train_lora(
         base_model=base_model, task=task, data_path=data_path, output_dir=str(output_dir), rank=rank,
         lora_alpha=lora_alpha, target_modules=list(target_modules), max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, seed=seed,
-        threads=threads, save_dtype=save_dtype,
+        threads=threads, save_dtype=save_dtype, save_at=list(save_at) or None,
     )
     if max_steps < 1 or batch_size < 1 or rank < 1:
         raise ColdError("max_steps, batch_size and rank must be positive")
+    if any(not 1 <= s < max_steps for s in save_at):
+        raise ColdError(f"save_at steps must lie in 1..{max_steps - 1}, got {list(save_at)}")
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed)
@@ -394,6 +421,10 @@ def train_lora(
             bar.write(f"step {step}/{max_steps} loss {entry['loss']:.4f} "
                       f"avg{len(recent)} {sum(recent) / len(recent):.4f} lr {lr:.2e} "
                       f"{entry['elapsed_s'] / step:.2f}s/step", file=sys.stderr)
+        if step in save_at:  # an intermediate snapshot: a weaker adapter of the same run
+            snapshot = Path(output_dir) / f"step-{step}"
+            snapshot.mkdir(parents=True, exist_ok=True)
+            save_adapter(model, snapshot, base_model, save_dtype)
     bar.close()
     wall_time = time.perf_counter() - started
 
@@ -450,12 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-at", type=int, nargs="*", default=[], help="also save snapshots at these steps (DIR/step-N)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     args["target_modules"] = tuple(args["target_modules"])
+    args["save_at"] = tuple(args["save_at"])
     try:
         summary = train_lora(**args)
     except ColdError as exc:
