@@ -227,3 +227,7 @@ app.command("train")(_train)
 from cold.evaluation.cli import eval_command as _eval  # noqa: E402
 
 app.command("eval")(_eval)
+
+from cold.evaluation.tune_cli import tune_command as _tune  # noqa: E402
+
+app.command("tune")(_tune)

@@ -6,13 +6,21 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent / "demo_adapters"
 
-# built-in model name -> demo adapter directory name
-DEMO_ADAPTERS = {"smollm2": "smollm2-gsm8k"}
+# built-in model name -> task -> demo adapter directory name; the first task is the model's default
+DEMO_ADAPTERS = {
+    "smollm2": {"gsm8k": "smollm2-gsm8k", "coin_flip": "smollm2-coin_flip", "last_letters": "smollm2-last_letters"},
+}
+# tasks whose adapter fits another task too (the public test files of the same family)
+TASK_ADAPTER = {"multiarith": "gsm8k", "singleeq": "gsm8k"}
 
 
-def demo_adapter_dir(model: str) -> Path | None:
-    """The demo adapter of a built-in model, or None when the model has none."""
-    name = DEMO_ADAPTERS.get(model)
+def demo_adapter_dir(model: str, task: str = "") -> Path | None:
+    """The demo adapter of a built-in model for a task (default: the model's first), or None."""
+    adapters = DEMO_ADAPTERS.get(model)
+    if adapters is None:
+        return None
+    task = TASK_ADAPTER.get(task, task)
+    name = adapters.get(task) if task else next(iter(adapters.values()))
     if name is None:
         return None
     path = DEMO_DIR / name

@@ -62,7 +62,7 @@ def serve(
             demo = demo_adapter_dir(model)
             adapters = {demo.name: str(demo)} if demo else {}
             if demo is None and model in DEMO_ADAPTERS:
-                err.print(f"[yellow]warning:[/] the built-in demo adapter {DEMO_ADAPTERS[model]!r} is not installed yet; "
+                err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
                           "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
                           "Give an adapter with --adapter NAME=DIR.")
         with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -84,14 +85,22 @@ def eval_command(
         raise typer.Exit(130) from None
 
 
-def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-         batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
-         device, dtype) -> None:
-    from cold.evaluation import decoders as decoder_specs
-    from cold.evaluation import report, runner, tasks
-    from cold.evaluation.prompts import make_style
+@dataclass
+class Prepared:
+    """What `cold eval` and `cold tune` share: the problems, their prompt style, adapter and run directory."""
 
-    specs = decoder_specs.parse_decoders(decoders)
+    task: object  # tasks.Task
+    split: Optional[str]
+    path: Path
+    problems: list  # the chosen problems (tasks.Problem)
+    style: object  # prompts.PromptStyle
+    adapter: Optional[Path]
+    settings: dict  # what a resumed run must share (run.json)
+    sample: str  # "N of M problems ..." for reports
+    out: Path
+
+
+def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype) -> None:
     if max_new_tokens < 1:
         raise ColdError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -103,6 +112,14 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ColdError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
+
+def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
+            out_dir, question_field, answer_field, answer_type, choices_field, dtype, default_split=None,
+            out_prefix="") -> Prepared:
+    """Read the task, pick the problems, build the prompt style, find the adapter, open the run directory."""
+    from cold.evaluation import runner, tasks
+    from cold.evaluation.prompts import make_style
+
     the_task = tasks.get_task(task, question_field, answer_field, answer_type.value, choices_field)
     if the_task.name == tasks.GENERIC:
         if data is None:
@@ -111,7 +128,7 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
             raise ColdError("--split applies to built-in tasks only; --task jsonl reads the --data file")
     elif split is not None and data is not None:
         raise ColdError("give either --split (a built-in file) or --data (your own file), not both")
-    split_name = None if the_task.name == tasks.GENERIC or data is not None else (split or the_task.default_split)
+    split_name = None if the_task.name == tasks.GENERIC or data is not None else (split or default_split or the_task.default_split)
     path = the_task.path(split_name, data)
     problems = the_task.read(path)
     total = len(problems)
@@ -123,7 +140,7 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
     style = make_style(prompt.value, the_task.family, shots, instruction, own)
     chosen = tasks.select(problems, limit, seed)
 
-    adapter_path = _adapter_path(model, adapter, specs)
+    adapter_path = _adapter_path(model, adapter, specs, the_task.name)
     settings = {
         "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": runner.fingerprint(path),
         "answer_type": the_task.answer_type, "model": model,
@@ -135,30 +152,52 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
     if the_task.name == tasks.GENERIC:
         settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
     name = f"{the_task.name}-{split_name}" if split_name else path.stem
-    out = out_dir or Path("eval-runs") / f"{name}-{prompt.value}"
+    out = out_dir or Path("eval-runs") / f"{out_prefix}{name}-{prompt.value}"
     runner.open_run_dir(out, settings, informational=("data", "adapter"))
-
-    engine = _LazyEngine(model, adapter_path, device, dtype)
     sample = f"{len(chosen)} of {total} problems" + (f" (seeded sample, --seed {seed})" if len(chosen) < len(problems) else "")
     if own:
         sample += f"; rows 0-{len(own) - 1} are the few-shot exemplars"
-    err.print(f"{the_task.name}{f' ({split_name})' if split_name else ''}: {sample}; decoders {', '.join(s.label for s in specs)} -> {out}", markup=False)
+    return Prepared(the_task, split_name, path, chosen, style, adapter_path, settings, sample, out)
+
+
+def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size) -> dict[str, list[dict]]:
+    """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
+    from cold.evaluation import runner
+
+    engine = _LazyEngine(model, run.adapter, device, dtype)
+    err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
     with _progress() as progress:
         results, generated = runner.run_decoders(
-            engine, chosen, specs, style, the_task.answer_type, out,
+            engine, run.problems, specs, run.style, run.task.answer_type, run.out,
             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
         )
-    err.print("generated: " + "; ".join(f"{label} {n} new, {len(chosen) - n} from records" for label, n in generated.items())
+    n = len(run.problems)
+    err.print("generated: " + "; ".join(f"{label} {k} new, {n - k} from records" for label, k in generated.items())
               if any(generated.values()) else "nothing to generate: every problem has a record for every decoder", markup=False)
+    return results
+
+
+def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
+         batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
+         device, dtype) -> None:
+    from cold.evaluation import decoders as decoder_specs
+    from cold.evaluation import report, tasks
+
+    specs = decoder_specs.parse_decoders(decoders)
+    check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
+    run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
+                  out_dir, question_field, answer_field, answer_type, choices_field, dtype)
+    results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size)
 
     command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
-                       limit, seed, batch_size, out, headline.value, question_field, answer_field, answer_type.value,
-                       choices_field, device, dtype, the_task.name == tasks.GENERIC)
-    info = {**settings, "data": _shown(path), "adapter": _shown(adapter_path) if adapter_path else None, "selection": sample, "device": device, "batch_size": batch_size, "command": command,
+                       limit, seed, batch_size, run.out, headline.value, question_field, answer_field, answer_type.value,
+                       choices_field, device, dtype, run.task.name == tasks.GENERIC)
+    info = {**run.settings, "data": _shown(run.path), "adapter": _shown(run.adapter) if run.adapter else None,
+            "selection": run.sample, "device": device, "batch_size": batch_size, "command": command,
             "prompt": prompt.value + (f" ({shots} shots)" if prompt is PromptChoice.few_shot else "")}
     summary = report.summarize(results, headline.value, bootstrap, info=info)
     report.print_tables(summary, stdout)
-    for written in report.write_outputs(summary, out):
+    for written in report.write_outputs(summary, run.out):
         err.print(f"wrote {written}", markup=False)
 
 
@@ -174,17 +213,18 @@ def _shown(path: Path) -> str:
     return relative if relative.count("..") <= 2 else str(absolute)
 
 
-def _adapter_path(model: str, adapter: Optional[Path], specs) -> Optional[Path]:
+def _adapter_path(model: str, adapter: Optional[Path], specs, task: str = "") -> Optional[Path]:
     if adapter is not None:
         if not adapter.is_dir():
             raise ColdError(f"--adapter {adapter}: directory not found")
         return adapter
     from cold.demo import demo_adapter_dir
 
-    path = demo_adapter_dir(model)
+    path = demo_adapter_dir(model, task)
     if path is None and any(s.needs_adapter for s in specs):
         needing = ", ".join(s.label for s in specs if s.needs_adapter)
-        raise ColdError(f"decoders {needing} need a LoRA adapter and model {model!r} has no built-in one; give --adapter DIR")
+        raise ColdError(f"decoders {needing} need a LoRA adapter and model {model!r} has no built-in one"
+                        f"{f' for task {task!r}' if task else ''}; give --adapter DIR")
     return path
 
 
