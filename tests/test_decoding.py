@@ -154,6 +154,13 @@ def test_eos_ends_a_chat_answer_with_stop(smollm2):
     got = engine.generate("What is the capital of France?", decoder="base", chat=True, max_new_tokens=40)[0]
     assert got.finish_reason == "stop" and got.token_ids[-1] in engine.eos_ids
     assert "Paris" in got.text
+    # ignore_eos decodes past EOS to max_new_tokens (greedy or beam); the first tokens are the same
+    for beams in (1, 2):
+        longer = engine.generate("What is the capital of France?", decoder="base", chat=True, max_new_tokens=len(got.token_ids) + 3,
+                                 ignore_eos=True, num_beams=beams)[0]
+        assert longer.finish_reason == "length" and len(longer.token_ids) == len(got.token_ids) + 3
+        if beams == 1:
+            assert longer.token_ids[: len(got.token_ids)] == got.token_ids
 
 
 def test_streaming_yields_the_same_text_and_ids(engine):

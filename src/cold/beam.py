@@ -78,7 +78,7 @@ def beam_search(engine, requests) -> Iterator["object"]:
                     tracker = TextTracker(engine.tokenizer, params.stop)
                     for t in ids:
                         tracker.add(t)
-                    if token in engine.eos_ids or tracker.stopped:
+                    if (token in engine.eos_ids and not params.ignore_eos) or tracker.stopped:
                         finished[s].append(_Hypothesis(ids, score / len(ids) ** params.length_penalty, tracker.text, "stop"))
                         continue
                     if len(ids) >= params.max_new_tokens:

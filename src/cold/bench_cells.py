@@ -129,10 +129,10 @@ class EngineRunner:
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
         self.engine = Engine(base, adapters)
-        self.engine.eos_ids = set()  # never stop early: every decoder does `new_tokens` steps
         self.module = self.engine.model.get_decoder()  # the transformer body, timed by ForwardClock
         self.params = DecodeParams(
-            decoder=decoder, alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"] + 1
+            decoder=decoder, alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"] + 1,
+            ignore_eos=True,  # never stop early: every decoder does `new_tokens` steps
         )
         self.batch = None
         self.tokens: list[list[int]] = []

@@ -27,6 +27,7 @@ class DecodeParams:
     do_sample, temperature, top_k, top_p, seed: sampling from the score (greedy if do_sample is False).
     num_beams, length_penalty: beam search over log-softmax(score) when num_beams > 1.
     max_new_tokens, stop: stop after this many tokens, at EOS, or at any of the stop strings.
+    ignore_eos: do not stop at EOS (benchmarks: every request runs max_new_tokens steps).
     """
 
     decoder: str = "cold"
@@ -46,6 +47,7 @@ class DecodeParams:
     length_penalty: float = 1.0
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def with_(self, **changes) -> "DecodeParams":
         known = {f.name for f in fields(self)}
@@ -77,6 +79,7 @@ class DecodeParams:
             _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
             _check(self.num_beams == 1, "beam search (num_beams > 1) cannot be combined with sampling")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
         return self

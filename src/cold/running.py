@@ -149,7 +149,7 @@ class RunningBatch:
         tracker = request.tracker
         text = tracker.add(token)
         reason = None
-        if token in self.engine.eos_ids or tracker.stopped:
+        if (token in self.engine.eos_ids and not request.params.ignore_eos) or tracker.stopped:
             reason = "stop"
         elif len(tracker.ids) >= request.params.max_new_tokens:
             reason = "length"
