@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.11, pip, no GPU, no hub access):
-#   make demo   - CoLD vs. expert vs. base on the built-in model and demo adapter
+#   make demo   - accuracy of CoLD vs. the LoRA expert vs. the base model on generated coin-flip problems
 #   make test   - the test suite
 # Both create .venv on first use; later runs reuse it (the stamp is rebuilt when pyproject.toml changes).
 
@@ -7,7 +7,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_QUESTION := Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four. She sells the remainder at the farmers' market daily for $$2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?
+# The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
+# scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
+DEMO_DECODERS := base,expert,expert@1.5,cold@0.1/0.5
+DEMO_ARGS := --task coin_flip --split gen-test --limit 64 --max-new-tokens 64 --decoders $(DEMO_DECODERS) --out eval-runs/demo
 
 .PHONY: install demo test clean
 
@@ -21,10 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@for decoder in base expert cold; do \
-		echo "=== decoder: $$decoder ==="; \
-		$(BIN)/cold generate --chat --decoder $$decoder --max-new-tokens 256 "$(DEMO_QUESTION)" || exit 1; \
-	done
+	$(BIN)/cold eval $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,3 +27,18 @@ def test_train_a_tiny_adapter_end_to_end(tiny_dir, tmp_path):
     assert (out / "README.md").is_file()
     engine = Engine(load_base(str(tiny_dir)), [adapter])
     assert engine.generate("What is 2 + 2?", chat=True, max_new_tokens=3)[0].token_ids
+
+
+def test_every_demo_adapter_is_shipped_fits_its_model_and_has_a_model_card(smollm2):
+    from cold.adapters import check_adapter_fits, read_adapter
+    from cold.demo import DEMO_ADAPTERS, demo_adapter_dir
+
+    modules = dict(smollm2.model.named_modules())
+    for task, name in DEMO_ADAPTERS["smollm2"].items():
+        path = demo_adapter_dir("smollm2", task)
+        assert path is not None and path.name == name, f"demo adapter {name} is not in the package"
+        adapter = read_adapter(path)
+        check_adapter_fits(adapter, modules)
+        assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+        card = (path / "README.md").read_text()
+        assert "## Reproduce" in card and f"--task {task}" in card

@@ -289,6 +289,13 @@ def reproduce_command(hparams: dict) -> str:
     return shlex.join(args)
 
 
+def _data_shown(data_path: str, hp: dict) -> str:
+    """The training file as a reader can find it: the generated split by name, else the path given."""
+    if hp.get("data_path") is None and hp["task"] not in DEFAULT_DATA:
+        return f"the generated `gen-train` split of `cold.evaluation.generators` (`{Path(data_path).name}`)"
+    return f"`{data_path}`"
+
+
 def write_model_card(output_dir: Path, summary: dict, has_plot: bool) -> None:
     hp = summary["hyperparameters"]
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items())
@@ -307,7 +314,7 @@ Weights are stored as {hp['save_dtype']} safetensors; load with
 
 ## Data
 
-- `{summary['data_path']}`: {summary['num_train_examples']} examples used
+- {_data_shown(summary['data_path'], hp)}: {summary['num_train_examples']} examples used
   ({summary['skipped_too_long']} longer than {hp['max_length']} tokens skipped).
 - Format: the tokenizer's chat template, user = question, assistant = {TASK_FORMATS.get(hp['task'], 'the answer')}.
 - Loss only on the assistant tokens (answer and `{END_OF_TURN}`); prompt tokens are masked.
