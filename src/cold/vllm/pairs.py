@@ -69,7 +69,9 @@ class PairTag:
 @dataclass
 class Row:
     tag: PairTag
+    prompt: list[int] | None  # the request's prompt ids
     output: list[int]  # vLLM's running output-token list of the request (a live reference)
+    checked: bool = False  # its prompt was compared with the partner's
 
 
 @dataclass
@@ -95,12 +97,12 @@ class PairTable:
     def update(self, removed, added, moved, is_swap) -> None:
         for index in removed:
             self.rows.pop(index, None)
-        for index, params, _prompt, output in added:
+        for index, params, prompt, output in added:
             tag = PairTag.from_extra_args(getattr(params, "extra_args", None))
             if tag is None:
                 self.rows.pop(index, None)
             else:
-                self.rows[index] = Row(tag, output)
+                self.rows[index] = Row(tag, prompt, output)
         for a, b, direction in moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -127,6 +129,10 @@ class PairTable:
                 elif self.rows[expert].output != self.rows[amateur].output:
                     self._break(pair, f"the rows' generated tokens differ (expert {len(self.rows[expert].output)}, "
                                 f"amateur {len(self.rows[amateur].output)} tokens)", plan)
+                elif not self.rows[expert].checked:
+                    if self.rows[expert].prompt != self.rows[amateur].prompt:
+                        self._break(pair, "the two requests have different prompts", plan)
+                    self.rows[expert].checked = self.rows[amateur].checked = True
             if pair in self.broken:
                 for role, index in roles.items():
                     plan.force[index] = self._forced_token(self.rows[index].tag, role)
