@@ -16,7 +16,7 @@ from cold.adapters import read_adapter
 from cold.demo import demo_adapter_dir
 from cold.engine import Engine
 from cold.errors import ColdError
-from cold.vllm.generate import pair_limits, plan_waves
+from cold.vllm.generate import pair_limits, plan_waves, shutdown
 from cold.vllm.pairs import PairTable, PairTag, check_pair
 
 DEMO = demo_adapter_dir("smollm2")
@@ -98,7 +98,7 @@ def test_waves_fit_seats_tokens_and_kv_cache():
     limits = {"seats": 8, "tokens": 100, "blocks": 10, "block_size": 16, "context": 256}
     assert plan_waves([10] * 6, 6, limits) == [[0, 1, 2, 3], [4, 5]]  # 4 pairs = 8 seats
     assert plan_waves([40, 40, 10], 6, limits) == [[0], [1, 2]]  # 2 x 80 prompt tokens > 100
-    assert plan_waves([10] * 4, 40, limits) == [[0, 1], [2, 3]]  # 2 rows x 4 blocks each; 10 blocks
+    assert plan_waves([10] * 4, 22, limits) == [[0, 1], [2, 3]]  # 2 blocks a row, 4 a pair; 10 blocks
     with pytest.raises(ColdError, match="does not fit"):
         plan_waves([60], 6, limits)
 
@@ -120,7 +120,7 @@ def vllm_llm():
     llm, lora = make_llm("smollm2", DEMO, max_model_len=1024, kv_cache_gib=0.5)
     print(f"\nvLLM LLM start-up: {time.perf_counter() - start:.1f} s")
     yield llm, lora
-    del llm
+    shutdown(llm)
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,10 @@ def generate(
             check_supported(params, use, stream, device)
             with err.status(f"Starting vLLM with {model}" + (f" and adapter {', '.join(adapters)}" if adapters else "") + " …"):
                 generator = VllmGenerator(model, adapters, dtype)
-            _print_batches(generator, texts, params, chat, as_json, batch_size)
+            try:
+                _print_batches(generator, texts, params, chat, as_json, batch_size)
+            finally:
+                generator.close()
             return
         engine = _load_engine(model, adapters, device, dtype)
         if stream:

@@ -22,6 +22,11 @@ class VllmGenerator:
         name, path = next(iter(adapters.items())) if adapters else (None, None)
         self.llm, self.lora = make_llm(model, path, adapter_name=name, dtype=dtype, max_model_len=max_model_len)
 
+    def close(self) -> None:
+        from cold.vllm.generate import shutdown
+
+        shutdown(self.llm)
+
     def generate(self, prompts, params: DecodeParams, chat: bool = False):
         from cold.vllm.generate import generate
 

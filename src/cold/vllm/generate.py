@@ -104,10 +104,17 @@ def make_llm(
     return llm, lora
 
 
+def shutdown(llm) -> None:
+    """Stop the LLM's engine-core processes now (rather than at interpreter exit)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 def pair_limits(llm) -> dict:
     """The engine limits a wave must fit in, read from the running LLM's config."""
     config = llm.llm_engine.vllm_config
-    sched, cache = config.scheduler_config, config.cache_config
+    sched = config.scheduler_config
     if getattr(sched, "enable_chunked_prefill", False):
         raise ColdError(
             "CoLD pairs need enable_chunked_prefill=False in vLLM (a chunked prompt finishes prefill a step "
@@ -115,6 +122,7 @@ def pair_limits(llm) -> dict:
         )
     if getattr(sched, "async_scheduling", False):
         raise ColdError("CoLD pairs need async_scheduling=False in vLLM")
+    cache = config.cache_config
     return {
         "seats": int(sched.max_num_seqs),
         "tokens": int(sched.max_num_batched_tokens),
