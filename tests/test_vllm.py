@@ -245,3 +245,49 @@ def test_cli_engine_vllm_refuses_beam_search():
 
     result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--num-beams", "2", "hi"])
     assert result.exit_code == 2 and "--num-beams" in result.output
+
+
+# ---- cold serve --engine vllm (the app, on the module's LLM) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_client(vllm_llm):
+    from fastapi.testclient import TestClient
+
+    from cold.vllm.server import create_app
+
+    llm, lora = vllm_llm
+    with TestClient(create_app(llm, lora, "smollm2")) as client:
+        yield client
+
+
+def test_server_answers_match_generate_also_when_requests_arrive_together(vllm_client, vllm_llm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    want = generate(llm, PROMPTS[:4], lora, max_tokens=16, chat=True)
+
+    def ask(prompt):
+        body = {"model": lora.lora_name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+        return vllm_client.post("/v1/chat/completions", json=body)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, PROMPTS[:4]))
+    for prompt, answer, w in zip(PROMPTS, answers, want):
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["token_ids"] == w.token_ids and choice["message"]["content"] == w.text, prompt
+    plain = vllm_client.post("/v1/completions", json={"model": lora.lora_name, "prompt": "def fibonacci(n):", "max_tokens": 8})
+    assert plain.json()["choices"][0]["token_ids"] == generate(llm, "def fibonacci(n):", lora, max_tokens=8)[0].token_ids
+
+
+def test_server_refuses_what_it_does_not_offer(vllm_client, vllm_llm):
+    name = vllm_llm[1].lora_name
+    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "stream": True})
+    assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+    r = vllm_client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert r.status_code == 404
+    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "beta": -1})
+    assert r.status_code == 400 and "beta" in r.json()["error"]["message"]
+    assert [m["id"] for m in vllm_client.get("/v1/models").json()["data"]] == ["smollm2", name]
