@@ -209,10 +209,15 @@ def generate(
         raise ColdError("no prompts given")
     tokenizer = llm.get_tokenizer()
     encoded = [encode(tokenizer, p, chat) for p in prompts]
+    context = llm.llm_engine.vllm_config.model_config.max_model_len
     for i, (_, ids) in enumerate(encoded):
         if not ids:
             raise ColdError(f"prompt {i} is empty (no tokens)")
+        if len(ids) + max_tokens > context:
+            raise ColdError(f"prompt {i}: {len(ids)} tokens plus max_tokens {max_tokens} exceed the context of {context}")
     eos = tokenizer.eos_token_id
+    if eos is None and decoder == "cold":
+        raise ColdError("the tokenizer defines no EOS token, which a broken CoLD pair needs to be ended")
     call = uuid.uuid4().hex[:12]
 
     def params(i: int, role: str | None) -> SamplingParams:
