@@ -128,13 +128,13 @@ def engine(smollm2):
     return Engine(smollm2, [read_adapter(DEMO)])
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.1, 0.5), (0.3, 1.0)])
-def test_vllm_cold_greedy_equals_engine_cold_greedy(vllm_llm, engine, alpha, beta):
+@pytest.mark.parametrize("alpha,beta,form", [(0.1, 0.5, "logit"), (0.3, 1.0, "logit"), (0.1, 0.5, "logprob")])
+def test_vllm_cold_greedy_equals_engine_cold_greedy(vllm_llm, engine, alpha, beta, form):
     from cold.vllm import generate
 
     llm, lora = vllm_llm
-    got = generate(llm, PROMPTS, lora, alpha=alpha, beta=beta, max_tokens=NEW, chat=True)
-    want = engine.generate(PROMPTS, decoder="cold", alpha=alpha, beta=beta, max_new_tokens=NEW, chat=True)
+    got = generate(llm, PROMPTS, lora, alpha=alpha, beta=beta, scoring=form, max_tokens=NEW, chat=True)
+    want = engine.generate(PROMPTS, decoder="cold", alpha=alpha, beta=beta, scoring=form, max_new_tokens=NEW, chat=True)
     for prompt, g, w in zip(PROMPTS, got, want):
         assert g.token_ids == w.token_ids, prompt
         assert g.finish_reason == w.finish_reason, prompt
