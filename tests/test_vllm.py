@@ -1,0 +1,293 @@
+"""CoLD inside vLLM (cold.vllm) against our own engine, on the real default model and the demo adapter.
+
+One vllm.LLM (engine core in a spawned process) is started for the whole module. The bookkeeping
+tests at the top need no LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cold.adapters import read_adapter
+from cold.demo import demo_adapter_dir
+from cold.engine import Engine
+from cold.errors import ColdError
+from cold.vllm.generate import pair_limits, plan_waves, shutdown
+from cold.vllm.pairs import PairTable, PairTag, check_pair
+
+DEMO = demo_adapter_dir("smollm2")
+PROMPTS = [
+    "What is 15% of 80?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
+    "Write a haiku about the sea.",
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast. How many are left?",
+    "def fibonacci(n):",
+    "Name three colours.",
+]
+NEW = 32
+EOS = 2
+
+
+# ---- pair bookkeeping, no vLLM engine ------------------------------------------------------------
+
+def params(pair: str, role: str, **kw):
+    return SimpleNamespace(extra_args=PairTag(pair, role, kw.get("alpha", 0.1), kw.get("beta", 0.5), "logit", EOS).to_extra_args())
+
+
+SWAP, ONE_WAY = "swap", "one-way"
+
+
+def update(table, removed=(), added=(), moved=()):
+    table.update(removed, added, moved, lambda d: d == SWAP)
+
+
+def test_pair_table_follows_adds_removes_moves_and_swaps():
+    table = PairTable()
+    out = {k: [] for k in "abcd"}
+    update(table, added=[(0, params("p", "expert"), [5, 6], out["a"]), (1, params("p", "amateur"), [5, 6], out["b"]),
+                         (2, SimpleNamespace(extra_args=None), [7], out["c"]), (3, params("q", "amateur"), [8], out["d"])])
+    update(table, added=[(4, params("q", "expert"), [8], [])])
+    plan = table.plan()
+    assert sorted(zip(plan.expert_rows, plan.amateur_rows)) == [(0, 1), (4, 3)] and not plan.force
+    update(table, moved=[(0, 1, SWAP)])  # rows 0 and 1 trade places
+    plan = table.plan()
+    assert sorted(zip(plan.expert_rows, plan.amateur_rows)) == [(1, 0), (4, 3)]
+    update(table, removed=[2], moved=[(4, 2, ONE_WAY)])  # condense: row 4 slides into the hole
+    plan = table.plan()
+    assert sorted(zip(plan.expert_rows, plan.amateur_rows)) == [(1, 0), (2, 3)] and 4 not in table.rows
+    update(table, removed=[0, 1, 2, 3])
+    assert table.rows == {} and table.plan().expert_rows == []
+
+
+def test_pair_with_a_missing_row_is_broken_and_ended_so_that_halves_disagree():
+    table = PairTable()
+    out_e, out_a = [], []
+    update(table, added=[(0, params("p", "expert"), [5], out_e)])
+    plan = table.plan()
+    assert plan.expert_rows == [] and plan.force == {0: EOS} and "amateur row is not in this step" in plan.newly_broken[0][1]
+    out_e.append(EOS)
+    update(table, removed=[0], added=[(0, params("p", "amateur"), [5], out_a)])  # the partner arrives a step late
+    plan = table.plan()
+    assert plan.force[0] != EOS  # the amateur gets a filler, never EOS: the two outputs cannot agree
+    with pytest.raises(ColdError, match="fell out of step"):
+        check_pair(0, out_e, [plan.force[0]])
+
+
+def test_pair_with_different_histories_or_prompts_is_broken():
+    table = PairTable()
+    update(table, added=[(0, params("p", "expert"), [5], [1, 2]), (1, params("p", "amateur"), [5], [1, 3]),
+                         (2, params("q", "expert"), [5], []), (3, params("q", "amateur"), [6], [])])
+    plan = table.plan()
+    assert plan.expert_rows == [] and set(plan.force) == {0, 1, 2, 3}
+    assert {p for p, _ in plan.newly_broken} == {"p", "q"}
+
+
+def test_tag_validation_names_the_bad_field():
+    with pytest.raises(ValueError, match="alpha"):
+        PairTag.from_extra_args({"cold": {"pair": "p", "role": "expert", "eos": 2, "alpha": 0}})
+    with pytest.raises(ValueError, match="role"):
+        PairTag.from_extra_args({"cold": {"pair": "p", "role": "judge", "eos": 2}})
+    assert PairTag.from_extra_args({"other": 1}) is None
+
+
+def test_waves_fit_seats_tokens_and_kv_cache():
+    limits = {"seats": 8, "tokens": 100, "blocks": 10, "block_size": 16, "context": 256}
+    assert plan_waves([10] * 6, 6, limits) == [[0, 1, 2, 3], [4, 5]]  # 4 pairs = 8 seats
+    assert plan_waves([40, 40, 10], 6, limits) == [[0], [1, 2]]  # 2 x 80 prompt tokens > 100
+    assert plan_waves([10] * 4, 22, limits) == [[0, 1], [2, 3]]  # 2 blocks a row, 4 a pair; 10 blocks
+    with pytest.raises(ColdError, match="does not fit"):
+        plan_waves([60], 6, limits)
+
+
+def test_chunked_prefill_is_refused():
+    sched = SimpleNamespace(enable_chunked_prefill=True, async_scheduling=False, max_num_seqs=8, max_num_batched_tokens=64)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=sched)))
+    with pytest.raises(ColdError, match="enable_chunked_prefill=False"):
+        pair_limits(llm)
+
+
+# ---- the real thing: one vllm.LLM for the module ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_llm():
+    from cold.vllm import make_llm
+
+    start = time.perf_counter()
+    llm, lora = make_llm("smollm2", DEMO, max_model_len=1024, kv_cache_gib=0.5)
+    print(f"\nvLLM LLM start-up: {time.perf_counter() - start:.1f} s")
+    yield llm, lora
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return Engine(smollm2, [read_adapter(DEMO)])
+
+
+@pytest.mark.parametrize("alpha,beta,form", [(0.1, 0.5, "logit"), (0.3, 1.0, "logit"), (0.1, 0.5, "logprob")])
+def test_vllm_cold_greedy_equals_engine_cold_greedy(vllm_llm, engine, alpha, beta, form):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    got = generate(llm, PROMPTS, lora, alpha=alpha, beta=beta, scoring=form, max_tokens=NEW, chat=True)
+    want = engine.generate(PROMPTS, decoder="cold", alpha=alpha, beta=beta, scoring=form, max_new_tokens=NEW, chat=True)
+    for prompt, g, w in zip(PROMPTS, got, want):
+        assert g.token_ids == w.token_ids, prompt
+        assert g.finish_reason == w.finish_reason, prompt
+        assert g.prompt_tokens == w.prompt_tokens
+
+
+def test_vllm_cold_with_beta_zero_equals_vllm_lora_greedy(vllm_llm):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    cold = generate(llm, PROMPTS, lora, beta=0.0, max_tokens=NEW, chat=True)
+    plain = generate(llm, PROMPTS, lora, decoder="expert", max_tokens=NEW, chat=True)
+    assert [c.token_ids for c in cold] == [p.token_ids for p in plain]
+    # ...and the contrast does change the text (the amateur row really is the base model)
+    contrast = generate(llm, PROMPTS, lora, beta=1.0, max_tokens=NEW, chat=True)
+    assert any(c.token_ids != p.token_ids for c, p in zip(contrast, plain))
+
+
+def test_vllm_expert_and_base_equal_engine(vllm_llm, engine):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    for decoder in ("expert", "base"):
+        got = generate(llm, PROMPTS[:3], lora, decoder=decoder, max_tokens=16, chat=True)
+        want = engine.generate(PROMPTS[:3], decoder=decoder, max_new_tokens=16, chat=True)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want], decoder
+
+
+def test_more_prompts_than_seats_run_in_waves_and_stay_in_step(vllm_llm, engine):
+    """Twice the engine's seat limit of pairs, so generate() splits them into waves."""
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    seats = pair_limits(llm)["seats"]
+    prompts = [f"Count to {i}:" for i in range(seats)]  # `seats` pairs = 2 x seats rows
+    got = generate(llm, prompts, lora, max_tokens=4)
+    assert len(got) == len(prompts)
+    for p, g in list(zip(prompts, got))[:: seats // 4]:
+        assert g.token_ids == engine.generate([p], decoder="cold", max_new_tokens=4)[0].token_ids, p
+
+
+def test_sampled_pairs_stay_in_step_and_are_reproducible(vllm_llm):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    kw = dict(do_sample=True, temperature=0.8, top_p=0.95, seed=3, max_tokens=NEW, chat=True)
+    first = generate(llm, PROMPTS[:3], lora, **kw)  # raises if a pair's rows drew different tokens
+    again = generate(llm, PROMPTS[:3], lora, **kw)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+
+
+def test_amateur_one_step_late_fails_loudly(vllm_llm):
+    """The failure a naive pairing hits: the amateur request reaches the engine after its expert was prefilled."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm, lora = vllm_llm
+    engine = llm.llm_engine
+    ids = llm.get_tokenizer()("The capital of France is").input_ids
+    eos = llm.get_tokenizer().eos_token_id
+
+    def sp(role):
+        return SamplingParams(temperature=0.0, max_tokens=12, extra_args=PairTag("late", role, 0.1, 0.5, "logit", eos).to_extra_args())
+
+    engine.add_request("late-expert", TokensPrompt(prompt_token_ids=ids), sp("expert"), lora_request=lora)
+    outputs = {}
+    for out in engine.step():  # the expert's prefill step, alone
+        outputs[out.request_id] = out
+    engine.add_request("late-amateur", TokensPrompt(prompt_token_ids=ids), sp("amateur"))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+    expert, amateur = outputs["late-expert"].outputs[0], outputs["late-amateur"].outputs[0]
+    assert expert.token_ids[-1] == eos and len(expert.token_ids) < 12  # the processor ended it early
+    with pytest.raises(ColdError, match="fell out of step"):
+        check_pair(0, list(expert.token_ids), list(amateur.token_ids))
+
+
+def test_generate_refuses_bad_input(vllm_llm):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    with pytest.raises(ColdError, match="needs a LoRA adapter"):
+        generate(llm, ["x"], None)
+    with pytest.raises(ColdError, match="beta"):
+        generate(llm, ["x"], lora, beta=-1)
+    with pytest.raises(ColdError, match="context"):
+        generate(llm, ["x"], lora, max_tokens=5000)
+
+
+def test_cli_generate_engine_vllm_matches_engine(engine, capsys):
+    from typer.testing import CliRunner
+
+    from cold.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--json", "--chat", "-n", "16", *PROMPTS[:2]])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    want = engine.generate(PROMPTS[:2], decoder="cold", max_new_tokens=16, chat=True)
+    assert [r["token_ids"] for r in records] == [w.token_ids for w in want]
+
+
+def test_cli_engine_vllm_refuses_beam_search():
+    from typer.testing import CliRunner
+
+    from cold.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--num-beams", "2", "hi"])
+    assert result.exit_code == 2 and "--num-beams" in result.output
+
+
+# ---- cold serve --engine vllm (the app, on the module's LLM) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_client(vllm_llm):
+    from fastapi.testclient import TestClient
+
+    from cold.vllm.server import create_app
+
+    llm, lora = vllm_llm
+    with TestClient(create_app(llm, lora, "smollm2")) as client:
+        yield client
+
+
+def test_server_answers_match_generate_also_when_requests_arrive_together(vllm_client, vllm_llm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    want = generate(llm, PROMPTS[:4], lora, max_tokens=16, chat=True)
+
+    def ask(prompt):
+        body = {"model": lora.lora_name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+        return vllm_client.post("/v1/chat/completions", json=body)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, PROMPTS[:4]))
+    for prompt, answer, w in zip(PROMPTS, answers, want):
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["token_ids"] == w.token_ids and choice["message"]["content"] == w.text, prompt
+    plain = vllm_client.post("/v1/completions", json={"model": lora.lora_name, "prompt": "def fibonacci(n):", "max_tokens": 8})
+    assert plain.json()["choices"][0]["token_ids"] == generate(llm, "def fibonacci(n):", lora, max_tokens=8)[0].token_ids
+
+
+def test_server_refuses_what_it_does_not_offer(vllm_client, vllm_llm):
+    name = vllm_llm[1].lora_name
+    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "stream": True})
+    assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+    r = vllm_client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert r.status_code == 404
+    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "beta": -1})
+    assert r.status_code == 400 and "beta" in r.json()["error"]["message"]
+    assert [m["id"] for m in vllm_client.get("/v1/models").json()["data"]] == ["smollm2", name]
