@@ -2,7 +2,8 @@
 # The accuracy study of the README for one task and one adapter, end to end and resumable:
 #   1. train the task's adapter with snapshots (only when ADAPTER is the default and missing),
 #   2. `cold tune` on the tuning split (alpha x beta x LoRA scale) with that adapter,
-#   3. `cold eval` on the test split: base, expert, the best scale and the best CoLD setting.
+#   3. `cold eval` on the test split: base (with the default adapter only), expert, the best scale
+#      and the best CoLD setting.
 # Every step writes to runs/train/ or eval-runs/ and resumes when rerun.
 #
 #   scripts/accuracy_study.sh coin_flip                                        # the final adapter
@@ -38,4 +39,4 @@ tune_out=eval-runs/tune-$label
 best=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(','.join(v for v in b.values() if v != 'expert'))" "$tune_out/tune.json")
 
 "$cold" eval --task "$task" --split "$split" --adapter "$adapter" -n "$new" "${limit_args[@]}" \
-  --decoders "base,expert${best:+,$best}" --out "eval-runs/$task-$split-$label"
+  --decoders "${2:+expert}${2:-base,expert}${best:+,$best}" --out "eval-runs/$task-$split-$label"
