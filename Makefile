@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
 # scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
+# cold@0.1/0.5 is the setting `cold tune` chose for this adapter (README, "Does CoLD help?").
 DEMO_DECODERS := base,expert,expert@1.5,cold@0.1/0.5
 DEMO_ARGS := --task coin_flip --split gen-test --limit 64 --max-new-tokens 64 --decoders $(DEMO_DECODERS) --out eval-runs/demo
 

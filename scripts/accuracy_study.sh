@@ -3,7 +3,7 @@
 #   1. train the task's adapter with snapshots (only when ADAPTER is the default and missing),
 #   2. `cold tune` on the tuning split (alpha x beta x LoRA scale) with that adapter,
 #   3. `cold eval` on the test split: base (with the default adapter only), expert, the best scale
-#      and the best CoLD setting.
+#      (or 1.5) and the best CoLD setting.
 # Every step writes to runs/train/ or eval-runs/ and resumes when rerun.
 #
 #   scripts/accuracy_study.sh coin_flip                                        # the final adapter
@@ -36,7 +36,12 @@ fi
 tune_out=eval-runs/tune-$label
 "$cold" tune --task "$task" --adapter "$adapter" --limit "${TUNE_LIMIT:-100}" -n "$new" --out "$tune_out" \
   --alphas "${ALPHAS:-0.1,0.3}" --betas "${BETAS:-0.5,1,2}" --scales "${SCALES:-1.5,2}"
-best=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(','.join(v for v in b.values() if v != 'expert'))" "$tune_out/tune.json")
+# the best LoRA scale (expert@1.5 when the adapter's own scale wins, so a scaled row is always shown)
+# and the best CoLD setting
+best=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(','.join(v if v != 'expert' else 'expert@1.5' for v in b.values()))" "$tune_out/tune.json")
 
+decoders=expert
+[ -n "${2:-}" ] || decoders=base,expert   # base once per task, with the default adapter
+decoders="$decoders,$best"
 "$cold" eval --task "$task" --split "$split" --adapter "$adapter" -n "$new" "${limit_args[@]}" \
-  --decoders "${2:+expert}${2:-base,expert}${best:+,$best}" --out "eval-runs/$task-$split-$label"
+  --decoders "$decoders" --out "eval-runs/$task-$split-$label"
