@@ -75,8 +75,13 @@ def eval_command(
 
       cold eval --task jsonl --data my.jsonl --question-field q --answer-field a --answer-type text
     """
+    run_command(_run, locals())
+
+
+def run_command(body, options: dict) -> None:
+    """Run a command's body; ColdError -> one `error:` line and exit 2, Ctrl-C -> a resume hint and exit 130."""
     try:
-        _run(**locals())
+        body(**options)
     except ColdError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cold.errors import ColdError
 from cold.evaluation.cli import (
-    AnswerType, PromptChoice, Rule, _shown, check_common, err, generate_all, prepare, stdout,
+    AnswerType, PromptChoice, Rule, _shown, check_common, err, generate_all, prepare, run_command, stdout,
 )
 
 # task -> its tuning split (disjoint from the split `cold eval` reports by default)
@@ -50,14 +50,7 @@ def tune_command(
 
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
-    try:
-        _tune(**locals())
-    except ColdError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: finished batches are saved; rerun the same command to resume")
-        raise typer.Exit(130) from None
+    run_command(_tune, locals())
 
 
 def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, prompt, shots, instruction, max_new_tokens,
