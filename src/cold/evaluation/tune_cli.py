@@ -44,9 +44,7 @@ def tune_command(
 ) -> None:
     """Sweep CoLD's alpha x beta and the LoRA scale on a tuning split; report the whole grid and the best.
 
-    Every setting runs on the same problems as `expert` (the adapter's greedy decoding) and is
-    compared with it by a paired bootstrap. Writes tune.md, tune.json and heatmap.png, and prints
-    the `cold eval` command that measures the chosen settings on the test split.
+    Every setting runs on the same problems as `expert` (the adapter's greedy decoding) and is compared with it by a paired bootstrap. Writes tune.md, tune.json and heatmap.png, and prints the `cold eval` command that measures the chosen settings on the test split.
 
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
