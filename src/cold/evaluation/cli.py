@@ -20,6 +20,17 @@ stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  #
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# Options that `cold eval` and `cold tune` share (typer reads the help from the type).
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")]
+Seed = Annotated[int, typer.Option(help="Seed of the --limit sample.")]
+BatchSize = Annotated[int, typer.Option(help="Problems decoded together in one batch.")]
+Bootstrap = Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+Model = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]
+Shots = Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")]
+
+
 class PromptChoice(str, Enum):
     chat = "chat"
     zero_shot = "zero-shot"
@@ -43,24 +54,24 @@ def eval_command(
     data: Annotated[Optional[Path], typer.Option(help="The task file to read (default: the split's file under ../shared/data or $COLD_DATA_DIR).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a built-in task (default: test; commonsenseqa: dev).")] = None,
     decoders: Annotated[str, typer.Option(help=f"Comma-separated decoder specs: {SYNTAX}.")] = DEFAULT_DECODERS,
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    model: Model = "smollm2",
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory. Default: the built-in demo adapter of a built-in model.")] = None,
     prompt: Annotated[PromptChoice, typer.Option(help="chat: the question as the user message of the chat template; zero-shot: 'Question: ...\\nAnswer:'; few-shot: worked examples first.")] = PromptChoice.chat,
-    shots: Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")] = 4,
+    shots: Shots = 4,
     instruction: Annotated[str, typer.Option(help="Text appended on its own line to every question (e.g. an answer-format request).")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")] = 256,
+    max_new_tokens: MaxNewTokens = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate a seeded sample of this many problems (a larger limit with the same seed extends the sample).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Problems decoded together in one batch.")] = 16,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (records/, summary.md, summary.json, plot.png). Default: eval-runs/TASK-SPLIT-PROMPT. Rerunning resumes.")] = None,
     headline: Annotated[Rule, typer.Option(help="Extraction rule of the headline accuracy and of the paired differences.")] = Rule.flexible,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 10_000,
+    bootstrap: Bootstrap = 10_000,
     question_field: Annotated[str, typer.Option(help="--task jsonl: field holding the question (dotted names reach into objects).")] = "question",
     answer_field: Annotated[str, typer.Option(help="--task jsonl: field holding the gold answer.")] = "answer",
     answer_type: Annotated[AnswerType, typer.Option(help="--task jsonl: number, yesno, choice (needs --choices-field) or text.")] = AnswerType.number,
     choices_field: Annotated[Optional[str], typer.Option(help="--task jsonl: field holding the choices (strings, or objects with label and text).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Run a task under several decoders on the same problems; report accuracy side by side.
 

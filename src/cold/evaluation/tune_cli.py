@@ -12,7 +12,8 @@ from rich.table import Table
 
 from cold.errors import ColdError
 from cold.evaluation.cli import (
-    AnswerType, PromptChoice, Rule, _shown, check_common, err, generate_all, prepare, run_command, stdout,
+    AnswerType, BatchSize, Bootstrap, Device, Dtype, MaxNewTokens, Model, PromptChoice, Rule, Seed, Shots, _shown,
+    check_common, err, generate_all, prepare, run_command, stdout,
 )
 
 # task -> its tuning split (disjoint from the split `cold eval` reports by default)
@@ -27,20 +28,20 @@ def tune_command(
     betas: Annotated[str, typer.Option(help="Contrast strengths beta to try (comma-separated, each >= 0).")] = "0.25,0.5,1,2",
     scales: Annotated[str, typer.Option(help="LoRA scales for the one-row alternative expert@S (comma-separated, > 0).")] = "1.5,2",
     scoring: Annotated[str, typer.Option(help="CoLD score forms to try: logit, logprob, or logit,logprob.")] = "logit",
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    model: Model = "smollm2",
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory (default: the model's demo adapter for the task).")] = None,
     prompt: Annotated[PromptChoice, typer.Option(help="chat, zero-shot or few-shot (as in cold eval).")] = PromptChoice.chat,
-    shots: Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")] = 4,
+    shots: Shots = 4,
     instruction: Annotated[str, typer.Option(help="Text appended on its own line to every question.")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")] = 256,
+    max_new_tokens: MaxNewTokens = 256,
     limit: Annotated[Optional[int], typer.Option(help="Tune on a seeded sample of this many problems.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Problems decoded together in one batch.")] = 16,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (records/, tune.md, tune.json, heatmap.png). Default: eval-runs/tune-TASK-SPLIT-PROMPT. Rerunning resumes.")] = None,
     headline: Annotated[Rule, typer.Option(help="Extraction rule the best setting is chosen by.")] = Rule.flexible,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 10_000,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    bootstrap: Bootstrap = 10_000,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Sweep CoLD's alpha x beta and the LoRA scale on a tuning split; report the whole grid and the best.
 
