@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from cold.errors import ColdError
+from cold.params import EngineName
 
 app = typer.Typer(
     help="Contrastive LoRA Decoding (CoLD): decode with a LoRA adapter contrasted against its base model.",
@@ -37,11 +38,6 @@ class Decoder(str, Enum):
 class Scoring(str, Enum):
     logit = "logit"
     logprob = "logprob"
-
-
-class EngineName(str, Enum):
-    cold = "cold"
-    vllm = "vllm"
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:

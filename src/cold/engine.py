@@ -130,17 +130,7 @@ class Engine:
         return next(self.model.parameters()).device
 
     def encode(self, prompt: Prompt, chat: bool = False) -> tuple[str, list[int]]:
-        if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
-            return self.tokenizer.decode(ids), ids
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ColdError("this model's tokenizer has no chat template; run without --chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            return prompt, self.tokenizer(text, add_special_tokens=False).input_ids
-        return prompt, self.tokenizer(prompt).input_ids
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def make_request(self, prompt: Prompt, params: DecodeParams, chat: bool = False) -> Request:
         params.validate()
@@ -297,6 +287,19 @@ class Engine:
         while batch:
             for _, event in batch.step():
                 yield event
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False) -> tuple[str, list[int]]:
+    """(prompt text, token ids): token ids are taken as given; text gets the chat template when `chat`."""
+    if not isinstance(prompt, str):
+        ids = [int(t) for t in prompt]
+        return tokenizer.decode(ids), ids
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ColdError("this model's tokenizer has no chat template; run without --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return prompt, tokenizer(text, add_special_tokens=False).input_ids
+    return prompt, tokenizer(prompt).input_ids
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from enum import Enum
 
 from cold.errors import ColdError
 from cold.scoring import SCORING_FORMS
 
 DECODERS = ("cold", "expert", "base")
+
+
+class EngineName(str, Enum):
+    """What executes the decoding: this package's engine, or CoLD pairs inside vLLM (cold.vllm)."""
+
+    cold = "cold"
+    vllm = "vllm"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from cold.errors import ColdError
+from cold.params import EngineName
 
 err = Console(stderr=True, highlight=False)
 
@@ -29,7 +30,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    engine_name: Annotated[str, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = "cold",
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Serve CoLD over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
 
@@ -66,9 +67,7 @@ def serve(
                 err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
                           "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
                           "Give an adapter with --adapter NAME=DIR.")
-        if engine_name not in ("cold", "vllm"):
-            raise ColdError(f"--engine must be cold or vllm, got {engine_name!r}")
-        if engine_name == "vllm":
+        if engine_name is EngineName.vllm:
             from cold.vllm.server import serve_vllm
 
             serve_vllm(model, adapters, host=host, port=port, model_name=model_name or _model_id(model), dtype=dtype,

@@ -20,7 +20,6 @@ the queue, tagged as a pair (`cold.vllm.pairs`). What keeps a pair in step:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.engine import Generation
+from cold.engine import Generation, encode_prompt
 from cold.errors import ColdError
 from cold.params import DecodeParams
 from cold.vllm.pairs import PairTag, check_pair
@@ -82,9 +81,7 @@ def make_llm(
     if adapter is not None:
         from cold.adapters import read_adapter
 
-        read_adapter(adapter)  # validates the PEFT directory with our messages first
-        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        rank = int(config.get("r", 8))
+        rank = read_adapter(adapter).rank  # validates the PEFT directory with our messages first
         lora = LoRARequest(adapter_name or Path(adapter).name, 1, str(Path(adapter).resolve()))
     kwargs = dict(
         model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -155,19 +152,6 @@ def plan_waves(prompt_lens: Sequence[int], max_tokens: int, limits: dict, rows_p
     return waves
 
 
-def encode(tokenizer, prompt: str | Sequence[int], chat: bool) -> tuple[str, list[int]]:
-    """(text, token ids) exactly as `cold.engine.Engine.encode` makes them."""
-    if not isinstance(prompt, str):
-        ids = [int(t) for t in prompt]
-        return tokenizer.decode(ids), ids
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ColdError("this model's tokenizer has no chat template; run without --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        return prompt, tokenizer(text, add_special_tokens=False).input_ids
-    return prompt, tokenizer(prompt).input_ids
-
-
 def generate(
     llm,
     prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -208,7 +192,7 @@ def generate(
     if not prompts:
         raise ColdError("no prompts given")
     tokenizer = llm.get_tokenizer()
-    encoded = [encode(tokenizer, p, chat) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     context = llm.llm_engine.vllm_config.model_config.max_model_len
     for i, (_, ids) in enumerate(encoded):
         if not ids:
