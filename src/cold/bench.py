@@ -39,7 +39,8 @@ from cold.errors import ColdError
 
 # Kept here (not imported from cold.bench_cells) so that `cold --help` does not import torch;
 # tests check it matches bench_cells.DECODERS / DEFAULT_DECODERS.
-DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed", "expert-peft")
+DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed", "expert-peft",
+                 "expert-reference", "cold-reference")
 DEFAULT_DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-ENGINE_DECODERS = ("base", "expert", "cold")
+ENGINE_DECODERS = ("base", "expert", "cold", "expert-reference", "cold-reference")
+REFERENCE_SUFFIX = "-reference"  # our engine without the lean decode step (cold.lean)
 
 DECODERS = {
     "base": "base model alone, greedy (our engine, no adapter loaded)",
@@ -33,10 +34,12 @@ DECODERS = {
     "cold-naive": "CoLD, two forward passes per step, two caches (PEFT; amateur under disable_adapter())",
     "cold-peft-mixed": "CoLD, PEFT mixed batch: one pass on 2N rows, adapter_names=[default, __base__]*N",
     "expert-peft": "LoRA unmerged, PEFT model, plain HF greedy loop (not run by default)",
+    "expert-reference": "like expert, without the lean decode step: transformers' forward (not run by default)",
+    "cold-reference": "like cold, without the lean decode step: transformers' forward (not run by default)",
 }
 DEFAULT_DECODERS = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
-USES_LORA = {"expert", "expert-peft", "cold", "cold-naive", "cold-peft-mixed"}  # reads LoRA weights per step
-CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed"}
+USES_LORA = {"expert", "expert-peft", "cold", "cold-naive", "cold-peft-mixed", "expert-reference", "cold-reference"}  # reads LoRA weights per step
+CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed", "cold-reference"}
 
 
 # ---- process-level helpers ---------------------------------------------------------------------
@@ -125,11 +128,12 @@ class EngineRunner:
         from cold.models import load_base
         from cold.params import DecodeParams
 
-        decoder = spec["decoder"]
+        decoder = spec["decoder"].removesuffix(REFERENCE_SUFFIX)
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
-        self.engine = Engine(base, adapters)
-        self.module = self.engine.model.get_decoder()  # the transformer body, timed by ForwardClock
+        self.engine = Engine(base, adapters, lean=not spec["decoder"].endswith(REFERENCE_SUFFIX))
+        # the transformer body, timed by ForwardClock: the lean decode step where it replaces it
+        self.module = self.engine.lean or self.engine.model.get_decoder()
         self.params = DecodeParams(
             decoder=decoder, alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"] + 1,
             ignore_eos=True,  # never stop early: every decoder does `new_tokens` steps

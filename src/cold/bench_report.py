@@ -12,7 +12,8 @@ from rich.table import Table
 from cold.bench_cells import USES_LORA
 
 # Whose tokens each decoder should reproduce (greedy): `agreement` compares against these.
-REFERENCE = {"cold": "cold-naive", "cold-peft-mixed": "cold-naive", "expert": "expert-merged", "expert-peft": "expert-merged"}
+REFERENCE = {"cold": "cold-naive", "cold-peft-mixed": "cold-naive", "cold-reference": "cold-naive",
+             "expert": "expert-merged", "expert-peft": "expert-merged", "expert-reference": "expert-merged"}
 
 # Issue 4's goals for the engine (only those whose decoders and batch sizes were measured are checked).
 STEP_RATIO_LIMITS = {1: 1.15, 16: 1.30}  # cold step / expert step, by batch size

@@ -23,6 +23,8 @@ from cold.attention import use_grouped_attention
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.errors import ColdError
 from cold.kvcache import new_cache
+from cold.lean import LeanDecoder
+from cold.lean import supports as lean_supported
 from cold.lora import RowLoRALinear, RowSelection, install_adapters, uninstall_adapters
 from cold.models import DEFAULT_MODEL, BaseModel, load_base
 from cold.params import DecodeParams
@@ -69,17 +71,22 @@ class Request:
 class Engine:
     """A base model with row-indexed LoRA adapters installed, ready to decode."""
 
-    def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = ()):
+    def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True):
+        """`lean=False` runs every step through the reference path (transformers' forward with
+        row-indexed LoRA layers) instead of the lean decode step of `cold.lean`."""
         self.base = base
         self.model = base.model
         use_grouped_attention(self.model)
         self.tokenizer = base.tokenizer
         self.rows = RowSelection()
         self.adapters: list[LoraAdapter] = []
+        self.lean: LeanDecoder | None = None
+        self._use_lean = lean and lean_supported(self.model)
         if adapters:
             self.set_adapters(list(adapters))
         else:
             uninstall_adapters(self.model)
+            self._rebuild_lean()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
@@ -90,11 +97,12 @@ class Engine:
         adapters: Mapping[str, str | Path] | Sequence[str | Path] = (),
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
+        lean: bool = True,
     ) -> "Engine":
         """Load a base model and adapters. Adapter files are read and checked before the model loads."""
         items = adapters.items() if isinstance(adapters, Mapping) else [(None, p) for p in adapters]
         read = [read_adapter(path, name) for name, path in items]
-        return cls(load_base(model, device=device, dtype=dtype), read)
+        return cls(load_base(model, device=device, dtype=dtype), read, lean=lean)
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -102,6 +110,10 @@ class Engine:
         """Install exactly these adapters (validated first; on error nothing changes)."""
         install_adapters(self.model, adapters, self.rows)
         self.adapters = list(adapters)
+        self._rebuild_lean()
+
+    def _rebuild_lean(self) -> None:
+        self.lean = LeanDecoder(self.model) if self._use_lean else None
 
     def add_adapter(self, path: str | Path, name: str | None = None) -> LoraAdapter:
         adapter = read_adapter(path, name)
@@ -212,6 +224,8 @@ class Engine:
         """
         self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
         try:
+            if self.lean is not None and input_ids.shape[1] == 1 and self.rows.single is not None:
+                return self.lean(input_ids, attention_mask, position_ids, cache, self.rows)
             out = self.model.get_decoder()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

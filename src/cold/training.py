@@ -27,7 +27,14 @@ import torch
 from cold.errors import ColdError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = {"gsm8k": REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"}
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_DATA = {
+    "gsm8k": SHARED_DATA / "gsm8k" / "train.jsonl",
+    "commonsenseqa": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
+}
+# CommonsenseQA tunes on its train file (it has no other labelled split besides dev, the test
+# split): the rows of `cold tune`'s default sample (up to this many, seed 0) are kept out of training.
+TUNING_RESERVE = 500
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -79,13 +86,33 @@ def load_worked_examples(path: Path) -> list[tuple[str, str]]:
         raise ColdError(f"{path}: expected {{\"examples\": [{{\"question\", \"worked\"}}, ...]}} ({exc!r})") from exc
 
 
-TASK_LOADERS = {"gsm8k": load_gsm8k, "coin_flip": load_worked_examples, "last_letters": load_worked_examples}
+def load_commonsenseqa(path: Path) -> list[tuple[str, str]]:
+    """CommonsenseQA rows as (question with its answer choices, `The answer is (X).`).
+
+    The question is worded exactly as `cold eval` words it, and the rows `cold tune` samples by
+    default (`TUNING_RESERVE`, seed 0) are left out, so tuning on the train file stays held out.
+    """
+    from cold.evaluation.prompts import question_text
+    from cold.evaluation.tasks import read_commonsenseqa, select
+
+    problems = read_commonsenseqa(path)
+    reserved = {p.id for p in select(problems, TUNING_RESERVE, seed=0)}
+    return [(question_text(p), f"The answer is ({p.gold}).") for p in problems if p.id not in reserved]
+
+
+TASK_LOADERS = {
+    "gsm8k": load_gsm8k,
+    "coin_flip": load_worked_examples,
+    "last_letters": load_worked_examples,
+    "commonsenseqa": load_commonsenseqa,
+}
 
 
 TASK_FORMATS = {
     "gsm8k": "worked answer with the `<<a=b>>` calculator annotations removed, ending in `#### <number>`",
     "coin_flip": "worked answer (who flips, how often, parity) ending in `The answer is yes|no.`",
     "last_letters": "worked answer (each name's last letter, then the concatenation) ending in `The answer is <letters>.`",
+    "commonsenseqa": f"`The answer is (X).` (question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out)",
 }
 
 

@@ -1,0 +1,106 @@
+"""The lean decode step (`cold.lean`) against the reference path (transformers' forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cold.adapters import read_adapter
+from cold.batch import RowLayout
+from cold.demo import demo_adapter_dir
+from cold.engine import Engine
+from cold.models import BaseModel
+from conftest import make_lora
+
+DECODERS = ("base", "expert", "cold")
+
+
+def _both(base: BaseModel, adapters, run) -> list:
+    """run(engine) with the lean step and with the reference path. Each engine is built right
+    before it runs: engines on one model share its layers, the last one built owns them."""
+    return [run(Engine(base, adapters, lean=lean)) for lean in (True, False)]
+
+
+def _prompts(vocab: int, lengths=(5, 12, 9), seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _tokens(engine: Engine, prompts, **params) -> list[list[int]]:
+    return [g.token_ids for g in engine.generate(prompts, ignore_eos=True, **params)]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lean-adapters")
+    make_lora(tiny.model, root / "all", std=0.2, seed=1)
+    make_lora(tiny.model, root / "qv", targets=("q_proj", "v_proj"), r=4, std=0.3, seed=2)
+    return [read_adapter(root / "all", "all"), read_adapter(root / "qv", "qv")]
+
+
+def test_lean_step_is_used_for_llama_and_shares_the_weights(tiny, tiny_adapters):
+    assert Engine(tiny, tiny_adapters[:1], lean=False).lean is None
+    lean = Engine(tiny, tiny_adapters[:1])
+    assert lean.lean is not None
+    attn = tiny.model.model.layers[0].self_attn
+    assert lean.lean.layers[0].q.data_ptr() == attn.q_proj.base.weight.data_ptr()  # no copy of the base
+
+
+def test_one_lean_step_matches_the_reference_forward(tiny, tiny_adapters):
+    prompts = _prompts(len(tiny.tokenizer))
+
+    def one_step(engine: Engine) -> torch.Tensor:  # hidden states [R, H] after one decode step
+        params = dict(decoder="cold", alpha=0.1, beta=0.5, expert_scale=1.5, max_new_tokens=8)
+        requests = engine.make_requests(prompts, None, False, params)
+        layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
+        with torch.inference_mode():
+            _, cache, mask, positions = engine.prefill(requests, layout)
+            tokens = torch.tensor([[7]] * len(layout.rows))
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            return engine.forward(layout, tokens, mask, positions[:, None], cache)
+
+    lean, reference = _both(tiny, tiny_adapters[:1], one_step)
+    assert torch.allclose(lean, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_lean_greedy_tokens_equal_reference_tiny(tiny, tiny_adapters, decoder):
+    prompts = _prompts(len(tiny.tokenizer))
+    params = dict(decoder=decoder, alpha=0.1, beta=1.0, max_new_tokens=20)
+    if decoder != "base":
+        params["adapter"] = "qv"  # an adapter that leaves k, o and the MLP unadapted
+    lean, reference = _both(tiny, tiny_adapters, lambda engine: _tokens(engine, prompts, **params))
+    assert lean == reference
+
+
+def test_lean_falls_back_when_rows_use_different_adapters(tiny, tiny_adapters):
+    prompts = _prompts(len(tiny.tokenizer))
+    params = dict(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=12, adapter="all", amateur_adapter="qv", amateur_scale=1.0)
+    lean, reference = _both(tiny, tiny_adapters, lambda engine: _tokens(engine, prompts, **params))
+    assert lean == reference
+
+
+def test_lean_beam_search_equals_reference(tiny, tiny_adapters):
+    prompts = _prompts(len(tiny.tokenizer), lengths=(6, 10))
+    params = dict(decoder="cold", alpha=0.1, beta=0.5, num_beams=3, max_new_tokens=10)
+    lean, reference = _both(tiny, tiny_adapters[:1], lambda engine: _tokens(engine, prompts, **params))
+    assert lean == reference
+
+
+def test_other_architectures_use_the_reference_path(tiny, tiny_adapters):
+    config = tiny.model.config
+    try:
+        config.attention_bias = True  # a model the lean step does not reproduce
+        assert Engine(tiny, tiny_adapters[:1]).lean is None
+    finally:
+        config.attention_bias = False
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_lean_greedy_tokens_equal_reference_on_the_default_model(smollm2, decoder):
+    adapter = read_adapter(demo_adapter_dir("smollm2"))
+    prompts = ["Natalia sold clips to 48 of her friends in April.", "What is 12 * 7?", "The capital of France"]
+    params = dict(decoder=decoder, alpha=0.1, beta=0.5, max_new_tokens=24)
+    lean, reference = _both(smollm2, [adapter], lambda engine: _tokens(engine, prompts, chat=True, **params))
+    assert lean == reference
+
