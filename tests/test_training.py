@@ -42,3 +42,25 @@ def test_every_demo_adapter_is_shipped_fits_its_model_and_has_a_model_card(smoll
         assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
         card = (path / "README.md").read_text()
         assert "## Reproduce" in card and f"--task {task}" in card
+
+
+def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
+    from cold.evaluation.prompts import question_text
+    from cold.evaluation.tasks import read_commonsenseqa, select
+    from cold.training import load_task
+
+    letters = "ABCDE"
+    rows = [
+        {"answerKey": letters[i % 5], "question": {"stem": f"Question {i}?", "choices": [
+            {"label": c, "text": f"choice {c}{i}"} for c in letters]}}
+        for i in range(700)
+    ]
+    path = tmp_path / "csqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, pairs = load_task("commonsenseqa", path)
+    problems = read_commonsenseqa(path)
+    tuning = {question_text(p) for p in select(problems, 100, seed=0)}  # what `cold tune --limit 100` samples
+    assert len(pairs) == 200 and not tuning & {q for q, _ in pairs}
+    question, answer = pairs[0]
+    problem = next(p for p in problems if question_text(p) == question)
+    assert answer == f"The answer is ({problem.gold})." and "Answer Choices: (A) choice A" in question

@@ -320,6 +320,9 @@ def _data_shown(data_path: str, hp: dict) -> str:
     """The training file as a reader can find it: the generated split by name, else the path given."""
     if hp.get("data_path") is None and hp["task"] not in DEFAULT_DATA:
         return f"the generated `gen-train` split of `cold.evaluation.generators` (`{Path(data_path).name}`)"
+    path = Path(data_path)
+    if path.is_absolute() and path.is_relative_to(SHARED_DATA):  # the shared data beside the repository
+        return f"`../shared/data/{path.relative_to(SHARED_DATA)}`"
     return f"`{data_path}`"
 
 
