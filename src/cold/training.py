@@ -31,6 +31,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_DATA = {
     "gsm8k": SHARED_DATA / "gsm8k" / "train.jsonl",
     "commonsenseqa": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
+    "commonsenseqa-text": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
 }
 # CommonsenseQA tunes on its train file (it has no other labelled split besides dev, the test
 # split): the rows of `cold tune`'s default sample (up to this many, seed 0) are kept out of training.
@@ -86,8 +87,10 @@ def load_worked_examples(path: Path) -> list[tuple[str, str]]:
         raise ColdError(f"{path}: expected {{\"examples\": [{{\"question\", \"worked\"}}, ...]}} ({exc!r})") from exc
 
 
-def load_commonsenseqa(path: Path) -> list[tuple[str, str]]:
-    """CommonsenseQA rows as (question with its answer choices, `The answer is (X).`).
+def load_commonsenseqa(path: Path, answer_text: bool = False) -> list[tuple[str, str]]:
+    """CommonsenseQA rows as (question with its answer choices, `The answer is (X).`), or with
+    `answer_text` `The answer is <the choice's text>.` (`cold eval`'s flexible rule maps the text
+    back to its letter).
 
     The question is worded exactly as `cold eval` words it, and the rows `cold tune` samples by
     default (`TUNING_RESERVE`, seed 0) are left out, so tuning on the train file stays held out.
@@ -97,7 +100,12 @@ def load_commonsenseqa(path: Path) -> list[tuple[str, str]]:
 
     problems = read_commonsenseqa(path)
     reserved = {p.id for p in select(problems, TUNING_RESERVE, seed=0)}
-    return [(question_text(p), f"The answer is ({p.gold}).") for p in problems if p.id not in reserved]
+    pairs = []
+    for p in problems:
+        if p.id not in reserved:
+            answer = dict(p.choices)[p.gold] if answer_text else f"({p.gold})"
+            pairs.append((question_text(p), f"The answer is {answer}."))
+    return pairs
 
 
 TASK_LOADERS = {
@@ -105,6 +113,7 @@ TASK_LOADERS = {
     "coin_flip": load_worked_examples,
     "last_letters": load_worked_examples,
     "commonsenseqa": load_commonsenseqa,
+    "commonsenseqa-text": lambda path: load_commonsenseqa(path, answer_text=True),
 }
 
 
@@ -113,6 +122,7 @@ TASK_FORMATS = {
     "coin_flip": "worked answer (who flips, how often, parity) ending in `The answer is yes|no.`",
     "last_letters": "worked answer (each name's last letter, then the concatenation) ending in `The answer is <letters>.`",
     "commonsenseqa": f"`The answer is (X).` (question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out)",
+    "commonsenseqa-text": f"`The answer is <the right choice's text>.` (question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out)",
 }
 
 
