@@ -112,6 +112,44 @@ def test_sliding_window_and_softcap_match_peft_past_the_window(tiny_gemma, tmp_p
         assert expert.token_ids == peft_greedy(peft_model, ids, 12, engine.eos_ids), ids
 
 
+def test_server_queues_joiners_behind_a_sliding_window_batch(tiny_gemma, tmp_path):
+    """Sliding-window caches cannot be merged (`RunningBatch.join` refuses); before this, a request
+    arriving while another decoded failed both with a 500. Now it waits for the batch to finish."""
+    import threading
+
+    from cold.params import DecodeParams
+    from cold.server_scheduler import Job, JobFailed, Scheduler
+
+    make_lora(tiny_gemma.model, tmp_path, targets=("q_proj", "v_proj"), std=0.2, seed=2)
+    engine = Engine(tiny_gemma, [read_adapter(tmp_path)])
+    params = DecodeParams(decoder="cold", max_new_tokens=10)
+    prompts = [[2, *range(20, 29)], [2, 40, 41, 42]]
+    got = {i: [] for i in range(len(prompts))}
+    first_token, finished = threading.Event(), [threading.Event() for _ in prompts]
+
+    def deliver(i):
+        def put(item):
+            got[i].append(item)
+            first_token.set()
+            if isinstance(item, JobFailed) or item.finish_reason:
+                finished[i].set()
+        return put
+
+    scheduler = Scheduler(engine, max_batch=8)
+    scheduler.start()
+    try:
+        scheduler.submit([Job(engine.make_request(prompts[0], params), deliver(0))])
+        assert first_token.wait(30)
+        scheduler.submit([Job(engine.make_request(prompts[1], params), deliver(1))])
+        assert all(f.wait(30) for f in finished)
+    finally:
+        scheduler.stop()
+    for i, prompt in enumerate(prompts):
+        assert not any(isinstance(item, JobFailed) for item in got[i]), got[i]
+        alone = engine.generate([prompt], params)[0].token_ids
+        assert [t for item in got[i] for t in item.token_ids] == alone
+
+
 def test_missing_package_is_a_clear_error_and_the_assembled_file_is_reused(tmp_path, monkeypatch):
     import sys
 
