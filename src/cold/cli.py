@@ -101,7 +101,7 @@ def _prompt_from_line(line: str, field: str, where: str) -> str:
 @app.command()
 def generate(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to complete (or use --input, or pipe them on stdin, one per line).")] = None,
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
     adapter: Annotated[Optional[list[str]], typer.Option(help="PEFT LoRA adapter as DIR or NAME=DIR; repeat for several. Default: the built-in demo adapter of a built-in model.")] = None,
     use: Annotated[Optional[str], typer.Option(help="Name of the adapter the expert uses when several are loaded.")] = None,
     decoder: Annotated[Decoder, typer.Option(help="cold: expert contrasted with base; expert: adapter alone; base: base model alone.")] = Decoder.cold,

@@ -40,6 +40,12 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
+    @property
+    def joinable(self) -> bool:
+        """Whether new sequences can join now: not while it holds sliding-window caches (Gemma),
+        whose rows share one fill count and cannot be left-padded into line; `join` would refuse."""
+        return self.cache is None or not any(layer.is_sliding for layer in self.cache.layers)
+
     # ---- joining ----------------------------------------------------------------------------
 
     def join(self, requests: list, keys: list[Hashable]) -> None:

@@ -16,7 +16,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
     adapter: Annotated[Optional[list[str]], typer.Option(help="PEFT LoRA adapter as NAME=DIR or DIR; repeat for several. Each is served as model id NAME. Default: the built-in demo adapter of a built-in model.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 = this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,

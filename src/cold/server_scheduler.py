@@ -139,7 +139,10 @@ class Scheduler:
                     break
                 gone = [k for k in self._cancelled if k in self._live]
                 self._cancelled.clear()
-                room = self.max_batch - (len(self._live) - len(gone))
+                live = len(self._live) - len(gone)
+                room = self.max_batch - live
+                if live and not batch.joinable:
+                    room = 0  # sliding-window caches (Gemma): queued jobs wait for the batch to finish
                 joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 self.metrics.queue_length.set(len(self._pending))
             try:

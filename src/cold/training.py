@@ -433,6 +433,9 @@ def train_lora(
     data_file, pairs = load_task(task, data_path)
     base = load_base(base_model)
     tokenizer = base.tokenizer
+    if not getattr(tokenizer, "chat_template", None) or END_OF_TURN not in tokenizer.get_vocab():
+        raise ColdError(f"{base_model}: training formats examples with a chat template ending turns in "
+                        f"{END_OF_TURN} (SmolLM2's); this model's tokenizer has none")
     examples, skipped = encode_dataset(tokenizer, pairs, max_length)
     if not examples:
         raise ColdError(f"no example fits in max_length={max_length} tokens")
