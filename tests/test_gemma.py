@@ -161,3 +161,13 @@ def test_missing_package_is_a_clear_error_and_the_assembled_file_is_reused(tmp_p
     assembled.parent.mkdir()
     assembled.write_bytes(b"GGUF")  # once assembled, the package is not needed (nor imported) again
     assert models.builtin_gguf("gemma3") == assembled
+
+
+def test_training_refuses_a_model_without_the_chat_template_it_formats_with(gemma3, tmp_path):
+    from cold.training import train_lora
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n')
+    with pytest.raises(ColdError, match="chat template"):
+        train_lora(base_model="gemma3", data_path=str(data), output_dir=tmp_path / "out", max_steps=1)
+    assert not (tmp_path / "out").exists()

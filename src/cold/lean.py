@@ -130,8 +130,8 @@ class LeanDecoder(nn.Module):
         cos, sin = body.rotary_emb(x[:, None], position_ids)  # [R, 1, D] each, broadcast over heads
         mask = attention_mask[:, None, None, :].bool()  # [R, 1, 1, L]
         adapter = rows.single if rows.single is not None and rows.single >= 0 else None
-        scale = rows.scale[:, None].to(x.dtype) if adapter is not None else None  # [R, 1]
         lora = adapter is not None
+        scale = rows.scale[:, None].to(x.dtype) if lora else None  # [R, 1]
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
             q, k, value = F.linear(h, layer.q), F.linear(h, layer.k), F.linear(h, layer.v)
@@ -143,20 +143,18 @@ class LeanDecoder(nn.Module):
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
             attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
             attn = attn.reshape(rows_n, heads * dim)
-            out = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
+            x = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
             if lora and layer.lora_o:
-                out = layer.lora_o.add(out, layer.lora_o.hidden(attn, adapter, scale), 0, adapter)
-            x = out
+                x = layer.lora_o.add(x, layer.lora_o.hidden(attn, adapter, scale), 0, adapter)
             h = self._norm(x, layer.post_norm)
             gate, up = F.linear(h, layer.gate), F.linear(h, layer.up)
             if lora and layer.lora_gate_up:
                 low = layer.lora_gate_up.hidden(h, adapter, scale)
                 gate, up = layer.lora_gate_up.add(gate, low, 0, adapter), layer.lora_gate_up.add(up, low, 1, adapter)
             m = F.silu(gate) * up  # [R, I]
-            out = torch.addmm(x, m, layer.down_t)  # residual + down_proj
+            x = torch.addmm(x, m, layer.down_t)  # residual + down_proj
             if lora and layer.lora_down:
-                out = layer.lora_down.add(out, layer.lora_down.hidden(m, adapter, scale), 0, adapter)
-            x = out
+                x = layer.lora_down.add(x, layer.lora_down.hidden(m, adapter, scale), 0, adapter)
         return self._norm(x, body.norm.weight)
 
 
