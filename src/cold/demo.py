@@ -8,7 +8,12 @@ DEMO_DIR = Path(__file__).parent / "demo_adapters"
 
 # built-in model name -> task -> demo adapter directory name; the first task is the model's default
 DEMO_ADAPTERS = {
-    "smollm2": {"gsm8k": "smollm2-gsm8k", "coin_flip": "smollm2-coin_flip", "last_letters": "smollm2-last_letters"},
+    "smollm2": {
+        "gsm8k": "smollm2-gsm8k",
+        "coin_flip": "smollm2-coin_flip",
+        "last_letters": "smollm2-last_letters",
+        "commonsenseqa": "smollm2-commonsenseqa-text",  # answers with the choice's text
+    },
 }
 # tasks whose adapter fits another task too (the public test files of the same family)
 TASK_ADAPTER = {"multiarith": "gsm8k", "singleeq": "gsm8k"}
