@@ -117,12 +117,13 @@ TASK_LOADERS = {
 }
 
 
+_CSQA_NOTE = f"question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out"
 TASK_FORMATS = {
     "gsm8k": "worked answer with the `<<a=b>>` calculator annotations removed, ending in `#### <number>`",
     "coin_flip": "worked answer (who flips, how often, parity) ending in `The answer is yes|no.`",
     "last_letters": "worked answer (each name's last letter, then the concatenation) ending in `The answer is <letters>.`",
-    "commonsenseqa": f"`The answer is (X).` (question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out)",
-    "commonsenseqa-text": f"`The answer is <the right choice's text>.` (question and choices worded as `cold eval` words them; the {TUNING_RESERVE} rows of `cold tune`'s default sample left out)",
+    "commonsenseqa": f"`The answer is (X).` ({_CSQA_NOTE})",
+    "commonsenseqa-text": f"`The answer is <the right choice's text>.` ({_CSQA_NOTE})",
 }
 
 
