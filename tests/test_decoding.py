@@ -231,3 +231,31 @@ def test_late_joiners_decode_as_alone(engine):
             ids[key] += event.token_ids
     for key, prompt in enumerate(PROMPTS):
         assert ids[key] == engine.generate(prompt, decoder="cold", max_new_tokens=NEW)[0].token_ids, prompt
+
+
+@pytest.mark.parametrize("forms", [("logit", "logit"), ("logit", "logprob")])
+def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, forms):
+    """Logit-form CoLD computes the amateur (and the score) on the plausible columns only; every
+    entry must still equal the score rule applied to both rows' full logits."""
+    from cold import scoring
+    from cold.batch import RowLayout
+    from cold.params import DecodeParams
+
+    settings = [("cold", 0.1, 0.5, "logit"), ("expert", 0.1, 0.5, "logit"), ("cold", 0.01, 1.0, forms[0]),
+                ("base", 0.1, 0.5, "logit"), ("cold", 0.3, 2.0, forms[1])]
+    requests = [engine.make_request(PROMPTS[i % len(PROMPTS)], DecodeParams(decoder=d, alpha=a, beta=b, scoring=f))
+                for i, (d, a, b, f) in enumerate(settings)]
+    layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
+    with torch.inference_mode():
+        hidden, *_ = engine.prefill(requests, layout)
+        got = engine.scores(hidden, layout, requests)
+        full = engine.logits(hidden, layout)  # [R, V] every row's full logits
+    for s, (decoder, alpha, beta, form) in enumerate(settings):
+        expert = full[layout.expert_row[s]][None]
+        if decoder != "cold":
+            torch.testing.assert_close(got[s], expert[0], rtol=1e-5, atol=1e-4)  # plain logits
+            continue
+        amateur = full[layout.amateur_row[s]][None]
+        expected = scoring.contrastive_scores(expert, amateur, torch.tensor([alpha]), torch.tensor([beta]), form)[0]
+        torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-4)
+        assert torch.equal(torch.isinf(got[s]), torch.isinf(expected)), (alpha, beta, form)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cold.adapters import read_adapter
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.engine import Engine
-from cold.lora import RowLoRALinear, lora_delta_gathered, lora_delta_reference, lora_delta_single
+from cold.lora import RowLoRALinear, RowSelection, lora_delta_gathered, lora_delta_reference, lora_delta_single
 from conftest import ALL_LINEAR, make_lora
 
 
@@ -37,6 +37,29 @@ def test_gathered_op_equals_reference(rows, steps, adapters, rank, seed):
         lora_delta_reference(x, lora_a, lora_b, only, row_scale),
     )
     assert torch.all(expected[row_adapter < 0] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(adapted=st.lists(st.booleans(), min_size=1, max_size=8), seed=st.integers(0, 10_000))
+def test_layer_skips_rows_outside_the_adapted_span_exactly(adapted, seed):
+    """Rows outside the layout's adapted span skip the LoRA; every row still equals the definition."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = [RowSpec(i, EXPERT, 0 if a else -1, 1.5) for i, a in enumerate(adapted)]
+    layout = RowLayout.build(specs, len(specs), "cpu")
+    span = layout.adapted_span
+    if any(adapted):
+        assert adapted[span.start] and adapted[span.stop - 1] and not any(adapted[: span.start] + adapted[span.stop :])
+    else:
+        assert span.start == span.stop
+    base = torch.nn.Linear(7, 5, bias=False)
+    layer = RowLoRALinear(base, torch.randn(1, 3, 7, generator=gen), torch.randn(1, 5, 3, generator=gen), RowSelection())
+    x = torch.randn(len(specs), 2, 7, generator=gen)
+    layer.rows.set(layout.adapter, layout.scale, layout.single_adapter, span)
+    with torch.no_grad():
+        got, plain = layer(x), base(x)
+    expected = plain + lora_delta_reference(x, layer.lora_a, layer.lora_b, layout.adapter, layer.rows.scale)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got[~torch.tensor(adapted)], plain[~torch.tensor(adapted)])
 
 
 def _rows_logits(engine: Engine, prompts: list[list[int]], specs: list[RowSpec]) -> torch.Tensor:

@@ -31,6 +31,11 @@ class RowLayout:
     scale: torch.Tensor  # [R] float
     single_adapter: int | None  # the only adapter any row uses (-1: no row uses one), None if several
 
+    @property
+    def adapted_span(self) -> slice:
+        """Rows [start, stop) holding every adapted row: with experts first, the amateurs skip the LoRA."""
+        return _adapted_span(self.rows)
+
     @classmethod
     def build(cls, rows: list[RowSpec], num_seqs: int, device) -> "RowLayout":
         expert = [0] * num_seqs
@@ -65,6 +70,12 @@ class RowLayout:
         old_rows = torch.tensor([i for i, _ in kept], dtype=torch.long, device=device)
         rows = [RowSpec(renumber[r.seq], r.role, r.adapter, r.scale) for _, r in kept]
         return RowLayout.build(rows, len(kept_seqs), device), old_rows
+
+
+def _adapted_span(rows: list[RowSpec]) -> slice:
+    """The smallest run of rows holding every row that uses an adapter (empty if none does)."""
+    adapted = [i for i, r in enumerate(rows) if r.adapter >= 0]
+    return slice(adapted[0], adapted[-1] + 1) if adapted else slice(0, 0)
 
 
 def _single_adapter(rows: list[RowSpec]) -> int | None:

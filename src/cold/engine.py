@@ -222,7 +222,7 @@ class Engine:
 
         The vocabulary projection is left to `scores`, which needs it in full only for expert rows.
         """
-        self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
+        self.rows.set(layout.adapter, layout.scale, layout.single_adapter, layout.adapted_span)
         try:
             if self.lean is not None and input_ids.shape[1] == 1 and self.rows.single is not None:
                 return self.lean(input_ids, attention_mask, position_ids, cache, self.rows)
@@ -241,7 +241,7 @@ class Engine:
         """Full next-token logits [R, V] (float32) of hidden states [R, H]."""
         head = self.model.get_output_embeddings()
         if layout is not None:
-            self.rows.set(layout.adapter, layout.scale, layout.single_adapter)
+            self.rows.set(layout.adapter, layout.scale, layout.single_adapter, layout.adapted_span)
         try:
             return self._softcap(head(hidden[:, None])[:, 0].float())
         finally:
@@ -261,39 +261,44 @@ class Engine:
     def scores(self, hidden: torch.Tensor, layout: RowLayout, requests: list[Request]) -> torch.Tensor:
         """[S, V] score of every sequence (CoLD score, or plain logits for expert/base)."""
         device = hidden.device
-        expert_layout = layout.subset(layout.expert_row)
-        expert = self.logits(hidden[layout.expert_row], expert_layout)
+        expert = self.logits(hidden[layout.expert_row], layout.subset(layout.expert_row))  # [S, V]
         contrastive = [i for i, r in enumerate(requests) if r.params.contrastive]
-        alpha = torch.tensor([r.params.alpha if r.params.contrastive else 0.0 for r in requests], device=device)
-        beta = torch.tensor([r.params.beta if r.params.contrastive else 0.0 for r in requests], device=device)
-        forms = [r.params.scoring if r.params.contrastive else "logit" for r in requests]
-        amateur = expert
-        if contrastive:
-            idx = torch.tensor(contrastive, device=device)
-            amateur = expert.clone()
-            amateur[idx] = self._amateur_logits(hidden, layout, idx, expert[idx], alpha[idx], forms)
+        if not contrastive:
+            return expert
+        idx = torch.tensor(contrastive, device=device)
+        params = [requests[i].params for i in contrastive]
+        alpha = torch.tensor([p.alpha for p in params], device=device)
+        beta = torch.tensor([p.beta for p in params], device=device)
+        score = self._contrastive_scores(hidden, layout, idx, expert[idx], alpha, beta, [p.scoring for p in params])
+        if len(contrastive) == len(requests):
+            return score
+        out = expert.clone()
+        out[idx] = score
+        return out
+
+    def _contrastive_scores(self, hidden, layout, seqs, expert, alpha, beta, forms) -> torch.Tensor:
+        """[C, V] CoLD scores of the contrastive sequences `seqs` (expert logits [C, V]).
+
+        The logit-form score reads the amateur only inside the expert's plausibility mask, so with
+        a plain (unadapted) output layer only the union of the masked-in columns is computed, for
+        the amateur's logits and for the score itself; every other entry is -inf.
+        """
+        rows = layout.amateur_row[seqs]
+        head = self.model.get_output_embeddings()
+        if set(forms) == {"logit"} and not isinstance(head, RowLoRALinear) and getattr(head, "bias", None) is None:
+            valid = scoring.plausibility_mask(expert, alpha)  # [C, V]
+            columns = valid.any(dim=0).nonzero().squeeze(1)  # [K]
+            amateur = self._softcap((hidden[rows] @ head.weight[columns].T).float())  # [C, K]
+            part = scoring.contrastive_scores(expert[:, columns], amateur, alpha, beta, "logit", valid[:, columns])
+            return torch.full_like(expert, scoring.NEG_INF).index_copy_(1, columns, part)
+        amateur = self.logits(hidden[rows], layout.subset(rows))
         if len(set(forms)) == 1:
             return scoring.contrastive_scores(expert, amateur, alpha, beta, forms[0])
         out = torch.empty_like(expert)
         for form in set(forms):
-            idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=device)
+            idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=expert.device)
             out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
         return out
-
-    def _amateur_logits(self, hidden, layout, seqs, expert, alpha, forms) -> torch.Tensor:
-        """Amateur logits [C, V] of the contrastive sequences `seqs`.
-
-        The logit-form score only reads the amateur inside the expert's plausibility mask, so with
-        a plain (unadapted) output layer only the union of the masked-in columns is computed; the
-        other entries hold the expert's logits and are masked out by the score anyway.
-        """
-        rows = layout.amateur_row[seqs]
-        head = self.model.get_output_embeddings()
-        if "logprob" in forms or isinstance(head, RowLoRALinear) or getattr(head, "bias", None) is not None:
-            return self.logits(hidden[rows], layout.subset(rows))
-        columns = scoring.plausibility_mask(expert, alpha).any(dim=0).nonzero().squeeze(1)  # [K]
-        partial = self._softcap((hidden[rows] @ head.weight[columns].T).float())  # [C, K]
-        return expert.index_copy(1, columns, partial)
 
     def _decode(self, requests: list[Request]) -> Iterator[StreamEvent]:
         batch = RunningBatch(self)

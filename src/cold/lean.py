@@ -56,16 +56,15 @@ class LoraGroup:
     spans: list[tuple[int, int]]  # per member: its columns of h
 
     def hidden(self, x: torch.Tensor, adapter: int, scale: torch.Tensor) -> torch.Tensor:
-        """x [R, in], scale [R, 1] -> h [R, r_total]."""
+        """x [A, in] (the adapted rows), scale [A, 1] -> h [A, r_total]."""
         return F.linear(x, self.a[adapter]) * scale
 
-    def add(self, y: torch.Tensor, h: torch.Tensor, member: int, adapter: int) -> torch.Tensor:
-        """y [R, out] of member `member` plus its LoRA delta."""
+    def add(self, y: torch.Tensor, h: torch.Tensor, member: int, adapter: int) -> None:
+        """Add member `member`'s LoRA delta to y [A, out] (a view of the adapted rows) in place."""
         b_t = self.b_t[adapter][member]
-        if b_t is None:
-            return y
-        start, end = self.spans[member]
-        return torch.addmm(y, h[:, start:end], b_t)
+        if b_t is not None:
+            start, end = self.spans[member]
+            y.addmm_(h[:, start:end], b_t)
 
 
 @dataclass
@@ -131,13 +130,15 @@ class LeanDecoder(nn.Module):
         mask = attention_mask[:, None, None, :].bool()  # [R, 1, 1, L]
         adapter = rows.single if rows.single is not None and rows.single >= 0 else None
         lora = adapter is not None
-        scale = rows.scale[:, None].to(x.dtype) if lora else None  # [R, 1]
+        span = rows.span  # the adapted rows: only they pay for the LoRA (CoLD's amateur rows follow them)
+        scale = rows.scale[span, None].to(x.dtype) if lora else None  # [A, 1]
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
             q, k, value = F.linear(h, layer.q), F.linear(h, layer.k), F.linear(h, layer.v)
             if lora and layer.lora_qkv:
-                low = layer.lora_qkv.hidden(h, adapter, scale)
-                q, k, value = (layer.lora_qkv.add(y, low, i, adapter) for i, y in enumerate((q, k, value)))
+                low = layer.lora_qkv.hidden(h[span], adapter, scale)
+                for i, y in enumerate((q, k, value)):
+                    layer.lora_qkv.add(y[span], low, i, adapter)
             qk = _rotate(torch.cat([q, k], dim=1).view(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
             keys, values = cache.layers[index].update(qk[:, heads:, None], value.view(rows_n, kv, 1, dim))  # [R, Hkv, L, D]
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
@@ -145,16 +146,17 @@ class LeanDecoder(nn.Module):
             attn = attn.reshape(rows_n, heads * dim)
             x = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
             if lora and layer.lora_o:
-                x = layer.lora_o.add(x, layer.lora_o.hidden(attn, adapter, scale), 0, adapter)
+                layer.lora_o.add(x[span], layer.lora_o.hidden(attn[span], adapter, scale), 0, adapter)
             h = self._norm(x, layer.post_norm)
             gate, up = F.linear(h, layer.gate), F.linear(h, layer.up)
             if lora and layer.lora_gate_up:
-                low = layer.lora_gate_up.hidden(h, adapter, scale)
-                gate, up = layer.lora_gate_up.add(gate, low, 0, adapter), layer.lora_gate_up.add(up, low, 1, adapter)
+                low = layer.lora_gate_up.hidden(h[span], adapter, scale)
+                layer.lora_gate_up.add(gate[span], low, 0, adapter)
+                layer.lora_gate_up.add(up[span], low, 1, adapter)
             m = F.silu(gate) * up  # [R, I]
             x = torch.addmm(x, m, layer.down_t)  # residual + down_proj
             if lora and layer.lora_down:
-                x = layer.lora_down.add(x, layer.lora_down.hidden(m, adapter, scale), 0, adapter)
+                layer.lora_down.add(x[span], layer.lora_down.hidden(m[span], adapter, scale), 0, adapter)
         return self._norm(x, body.norm.weight)
 
 

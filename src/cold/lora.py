@@ -16,7 +16,7 @@ adapted rows share one adapter (two plain matmuls, the common CoLD case) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,14 +35,18 @@ class RowSelection:
     adapter: torch.Tensor | None = None  # [R] long, -1 = base weights only
     scale: torch.Tensor | None = None  # [R] float, 0 where adapter == -1
     single: int | None = None  # the one adapter all adapted rows use (-1: none), None if several
+    span: slice = field(default_factory=lambda: slice(None))  # rows holding every adapted row; others skip LoRA
 
-    def set(self, adapter: torch.Tensor, scale: torch.Tensor, single: int | None = None) -> None:
-        """`single`: pass the adapter index when every row with adapter >= 0 uses it (fast path)."""
+    def set(self, adapter: torch.Tensor, scale: torch.Tensor, single: int | None = None, span: slice | None = None) -> None:
+        """`single`: pass the adapter index when every row with adapter >= 0 uses it (fast path);
+        `span`: rows outside it must have adapter -1 (CoLD's amateur rows come after the experts)."""
         self.adapter, self.scale = adapter, torch.where(adapter >= 0, scale, torch.zeros_like(scale))
         self.single = single
+        self.span = slice(None) if span is None else span
 
     def clear(self) -> None:
         self.adapter = self.scale = self.single = None
+        self.span = slice(None)
 
 
 def lora_delta_reference(x, lora_a, lora_b, row_adapter, row_scale):
@@ -101,8 +105,10 @@ class RowLoRALinear(nn.Module):
         rows = self.rows
         if rows.adapter is None or rows.single == -1:  # no adapted rows: the plain base layer
             return y
-        if rows.single is not None:
-            return y + lora_delta_single(x, self.lora_a, self.lora_b, rows.single, rows.scale)
+        if rows.single is not None:  # LoRA for the adapted span only (the expert rows of CoLD)
+            span = rows.span
+            y[span].add_(lora_delta_single(x[span], self.lora_a, self.lora_b, rows.single, rows.scale[span]))
+            return y
         return y + lora_delta_gathered(x, self.lora_a, self.lora_b, rows.adapter, rows.scale)
 
 

@@ -30,8 +30,13 @@ def contrastive_scores(
     alpha: torch.Tensor,
     beta: torch.Tensor,
     form: str = "logit",
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[S, V] CoLD scores, -inf outside the plausibility mask."""
+    """[S, V] CoLD scores, -inf outside the plausibility mask.
+
+    `valid`: the plausibility mask [S, V], when the caller has it already; the logit form then
+    also accepts some columns only (expert, amateur and valid all [S, K], the mask taken over all V).
+    """
     beta = beta.to(expert.dtype)[:, None]
     if form == "logit":
         score = (1 + beta) * expert - beta * amateur
@@ -39,7 +44,9 @@ def contrastive_scores(
         score = torch.log_softmax(expert, dim=-1) - (beta / (1 + beta)) * torch.log_softmax(amateur, dim=-1)
     else:
         raise ValueError(f"scoring form must be one of {SCORING_FORMS}, got {form!r}")
-    return score.masked_fill(~plausibility_mask(expert, alpha), NEG_INF)
+    if valid is None:
+        valid = plausibility_mask(expert, alpha)
+    return score.masked_fill(~valid, NEG_INF)
 
 
 def apply_temperature(score: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
