@@ -163,11 +163,12 @@ def test_missing_package_is_a_clear_error_and_the_assembled_file_is_reused(tmp_p
     assert models.builtin_gguf("gemma3") == assembled
 
 
-def test_training_refuses_a_model_without_the_chat_template_it_formats_with(gemma3, tmp_path):
-    from cold.training import train_lora
+def test_training_formats_gemma_as_zero_shot_text_and_refuses_the_chat_format(gemma3, tmp_path):
+    from cold.training import resolve_prompt_format, train_lora
 
+    assert resolve_prompt_format(gemma3.tokenizer, "auto", "gemma3") == "zero-shot"  # a base model: no chat template
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n')
-    with pytest.raises(ColdError, match="chat template"):
-        train_lora(base_model="gemma3", data_path=str(data), output_dir=tmp_path / "out", max_steps=1)
+    with pytest.raises(ColdError, match="--prompt zero-shot"):
+        train_lora(base_model="gemma3", data_path=str(data), output_dir=tmp_path / "out", max_steps=1, prompt_format="chat")
     assert not (tmp_path / "out").exists()

@@ -64,3 +64,33 @@ def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
     question, answer = pairs[0]
     problem = next(p for p in problems if question_text(p) == question)
     assert answer == f"The answer is ({problem.gold})." and "Answer Choices: (A) choice A" in question
+
+
+def test_zero_shot_format_trains_on_cold_evals_text_prompt(tiny_dir, tmp_path):
+    """`--prompt zero-shot`: the prompt tokens are exactly what `cold eval --prompt zero-shot`
+    feeds the engine; the loss covers ` answer` and the EOS token only."""
+    from cold.evaluation.prompts import make_style
+    from cold.evaluation.tasks import Problem
+    from cold.training import encode_example
+
+    base = load_base(str(tiny_dir))
+    problem = Problem("0", "What is 2 + 2?", "4")
+    _, engine_prompt = Engine(base).encode(make_style("zero-shot").render(problem))
+    example = encode_example(base.tokenizer, problem.question, "The answer is 4.", 384, "zero-shot")
+    n = len(engine_prompt)
+    assert example.input_ids[:n] == engine_prompt and set(example.labels[:n]) == {-100}
+    assert example.labels[n:] == example.input_ids[n:] and example.labels[-1] == base.tokenizer.eos_token_id
+    assert base.tokenizer.decode(example.labels[n:-1]) == " The answer is 4."
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n')
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(out),
+                                      "--max-steps", "2", "--batch-size", "1", "--rank", "2", "--prompt", "zero-shot"])
+    assert result.exit_code == 0, result.output
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["hyperparameters"]["prompt_format"] == "zero-shot" and "--prompt-format zero-shot" in log["command"]
+    assert "--prompt zero-shot" in (out / "README.md").read_text()
+    bad = CliRunner().invoke(app, ["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path / "x"),
+                                   "--max-steps", "1", "--prompt", "yaml"])
+    assert bad.exit_code == 2 and "prompt format must be one of" in bad.output and not (tmp_path / "x").exists()

@@ -2,7 +2,9 @@
 
 The default recipe fine-tunes the built-in SmolLM2-135M-Instruct on GSM8K: each example
 is formatted with the tokenizer's chat template (user = question, assistant = worked
-answer ending in ``#### N``) and only the assistant tokens carry loss. The run is seeded
+answer ending in ``#### N``) and only the assistant tokens carry loss. Models without a chat
+template (Gemma 3 270M, a pretrained base) train on `cold eval`'s zero-shot text prompt instead,
+``Question: ...\nAnswer:`` then `` <answer><eos>``. The run is seeded
 and deterministic on CPU; the output directory is a standard PEFT adapter (float16
 safetensors) plus ``training_log.json``, a model card ``README.md`` and ``loss.png``.
 
@@ -39,6 +41,7 @@ TUNING_RESERVE = 500
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
+PROMPT_FORMATS = ("auto", "chat", "zero-shot")  # zero-shot: `cold eval --prompt zero-shot`'s text prompt
 WARMUP_FRACTION = 0.05
 LORA_DROPOUT = 0.05
 WEIGHT_DECAY = 0.0
@@ -148,8 +151,28 @@ def load_task(task: str, data_path: str | Path | None) -> tuple[Path, list[tuple
     return path, pairs
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Chat-template tokens up to and including the assistant header."""
+def has_chat_format(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template that ends turns with SmolLM2's END_OF_TURN."""
+    return bool(getattr(tokenizer, "chat_template", None)) and END_OF_TURN in tokenizer.get_vocab()
+
+
+def resolve_prompt_format(tokenizer, requested: str, model_name: str) -> str:
+    """`auto` -> chat where the tokenizer has the chat format, else zero-shot text."""
+    if requested == "auto":
+        return "chat" if has_chat_format(tokenizer) else "zero-shot"
+    if requested == "chat" and not has_chat_format(tokenizer):
+        raise ColdError(f"{model_name}: the chat format needs a chat template ending turns in {END_OF_TURN} "
+                        "(SmolLM2's); this model's tokenizer has none: train with --prompt zero-shot")
+    return requested
+
+
+def prompt_ids(tokenizer, question: str, prompt_format: str = "chat") -> list[int]:
+    """Chat-template tokens up to and including the assistant header, or the zero-shot text prompt
+    tokenised as the engine tokenises it at inference (with the tokenizer's special tokens)."""
+    if prompt_format == "zero-shot":
+        from cold.evaluation.prompts import plain_prompt
+
+        return list(tokenizer(plain_prompt(question)).input_ids)
     messages = [{"role": "user", "content": question}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
@@ -157,18 +180,25 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return list(ids)
 
 
-def encode_example(tokenizer, question: str, answer: str, max_length: int) -> Example | None:
-    """Prompt + answer + end-of-turn; loss only on answer and end-of-turn. None if too long."""
-    prompt = prompt_ids(tokenizer, question)
-    completion = tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+def completion_ids(tokenizer, answer: str, prompt_format: str = "chat") -> list[int]:
+    """The answer and its end: END_OF_TURN (chat), or ` answer` and the EOS token (zero-shot)."""
+    if prompt_format == "zero-shot":
+        return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, question: str, answer: str, max_length: int, prompt_format: str = "chat") -> Example | None:
+    """Prompt + answer + its end; loss only on answer and end. None if too long."""
+    prompt = prompt_ids(tokenizer, question, prompt_format)
+    completion = completion_ids(tokenizer, answer, prompt_format)
     if len(prompt) + len(completion) > max_length:
         return None
     return Example(input_ids=prompt + completion, labels=[IGNORE_INDEX] * len(prompt) + completion)
 
 
-def encode_dataset(tokenizer, pairs, max_length: int) -> tuple[list[Example], int]:
+def encode_dataset(tokenizer, pairs, max_length: int, prompt_format: str = "chat") -> tuple[list[Example], int]:
     """Tokenise every pair; return the examples that fit and how many were skipped."""
-    examples = [encode_example(tokenizer, q, a, max_length) for q, a in pairs]
+    examples = [encode_example(tokenizer, q, a, max_length, prompt_format) for q, a in pairs]
     kept = [e for e in examples if e is not None]
     return kept, len(examples) - len(kept)
 
@@ -318,7 +348,8 @@ def plot_loss(losses: list[float], path: Path) -> bool:
 def reproduce_command(hparams: dict) -> str:
     args = ["python", "-m", "cold.training"]
     for key in ("base_model", "task", "data_path", "output_dir", "rank", "lora_alpha", "max_steps",
-                "batch_size", "learning_rate", "max_length", "seed", "threads", "save_dtype", "save_at"):
+                "batch_size", "learning_rate", "max_length", "seed", "threads", "save_dtype", "save_at",
+                "prompt_format"):
         value = hparams.get(key)
         if value is None:
             continue
@@ -335,6 +366,13 @@ def _data_shown(data_path: str, hp: dict) -> str:
     if path.is_absolute() and path.is_relative_to(SHARED_DATA):  # the shared data beside the repository
         return f"`../shared/data/{path.relative_to(SHARED_DATA)}`"
     return f"`{data_path}`"
+
+
+def _format_shown(hp: dict) -> str:
+    if hp.get("prompt_format") == "zero-shot":
+        return ("`cold eval --prompt zero-shot`'s text prompt `Question: <question>\\nAnswer:` (evaluate with "
+                "`--prompt zero-shot`), then ` <answer>` and the EOS token; the answer is")
+    return f"the tokenizer's chat template, user = question, assistant (ending in `{END_OF_TURN}`) ="
 
 
 def write_model_card(output_dir: Path, summary: dict, has_plot: bool) -> None:
@@ -357,8 +395,8 @@ Weights are stored as {hp['save_dtype']} safetensors; load with
 
 - {_data_shown(summary['data_path'], hp)}: {summary['num_train_examples']} examples used
   ({summary['skipped_too_long']} longer than {hp['max_length']} tokens skipped).
-- Format: the tokenizer's chat template, user = question, assistant = {TASK_FORMATS.get(hp['task'], 'the answer')}.
-- Loss only on the assistant tokens (answer and `{END_OF_TURN}`); prompt tokens are masked.
+- Format: {_format_shown(hp)}, {TASK_FORMATS.get(hp['task'], 'the answer')}.
+- Loss only on the answer tokens and its end; prompt tokens are masked.
 - Examples seen: {summary['examples_seen']} ({summary['epochs']:.3f} epochs), seeded shuffle.
 
 ## Training
@@ -410,6 +448,7 @@ def train_lora(
     save_dtype: str = "float16",
     log_every: int = 10,
     save_at: tuple[int, ...] = (),
+    prompt_format: str = "auto",
 ) -> dict:
     """Train a LoRA adapter and save it (plus log, model card, loss plot) to `output_dir`."""
     from tqdm.auto import tqdm
@@ -420,10 +459,12 @@ def train_lora(
         base_model=base_model, task=task, data_path=data_path, output_dir=str(output_dir), rank=rank,
         lora_alpha=lora_alpha, target_modules=list(target_modules), max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, seed=seed,
-        threads=threads, save_dtype=save_dtype, save_at=list(save_at) or None,
+        threads=threads, save_dtype=save_dtype, save_at=list(save_at) or None, prompt_format=prompt_format,
     )
     if max_steps < 1 or batch_size < 1 or rank < 1:
         raise ColdError("max_steps, batch_size and rank must be positive")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ColdError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     if any(not 1 <= s < max_steps for s in save_at):
         raise ColdError(f"save_at steps must lie in 1..{max_steps - 1}, got {list(save_at)}")
     if threads:
@@ -434,10 +475,8 @@ def train_lora(
     data_file, pairs = load_task(task, data_path)
     base = load_base(base_model)
     tokenizer = base.tokenizer
-    if not getattr(tokenizer, "chat_template", None) or END_OF_TURN not in tokenizer.get_vocab():
-        raise ColdError(f"{base_model}: training formats examples with a chat template ending turns in "
-                        f"{END_OF_TURN} (SmolLM2's); this model's tokenizer has none")
-    examples, skipped = encode_dataset(tokenizer, pairs, max_length)
+    prompt_format = hyperparameters["prompt_format"] = resolve_prompt_format(tokenizer, prompt_format, base_model)
+    examples, skipped = encode_dataset(tokenizer, pairs, max_length, prompt_format)
     if not examples:
         raise ColdError(f"no example fits in max_length={max_length} tokens")
 
@@ -533,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-at", type=int, nargs="*", default=[], help="also save snapshots at these steps (DIR/step-N)")
+    p.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS)
     return p
 
 

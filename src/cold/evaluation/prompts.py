@@ -112,10 +112,13 @@ class PromptStyle:
     def render(self, problem: Problem) -> str:
         """The prompt string passed to the engine (for chat: the user message)."""
         question = self.question(problem)
-        if self.chat:
-            return question
-        shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in self.exemplars)
-        return f"{shots}Question: {question}\nAnswer:"
+        return question if self.chat else plain_prompt(question, self.exemplars)
+
+
+def plain_prompt(question: str, exemplars: Sequence[tuple[str, str]] = ()) -> str:
+    """The zero-shot (no exemplars) or few-shot text prompt; `cold train --prompt zero-shot` trains on it."""
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in exemplars)
+    return f"{shots}Question: {question}\nAnswer:"
 
 
 def question_text(problem: Problem, instruction: str = "") -> str:
