@@ -172,3 +172,22 @@ def test_training_formats_gemma_as_zero_shot_text_and_refuses_the_chat_format(ge
     with pytest.raises(ColdError, match="--prompt zero-shot"):
         train_lora(base_model="gemma3", data_path=str(data), output_dir=tmp_path / "out", max_steps=1, prompt_format="chat")
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma3_demo_adapter_is_shipped_fits_and_answers_in_its_format(gemma3):
+    """The CommonsenseQA demo adapter trained on the zero-shot text prompt (`cold train --model gemma3`)."""
+    from cold.demo import DEMO_ADAPTERS, demo_adapter_dir
+    from cold.evaluation.prompts import make_style
+    from cold.evaluation.tasks import Problem
+
+    path = demo_adapter_dir("gemma3", "commonsenseqa")
+    assert path is not None and path.name == DEMO_ADAPTERS["gemma3"]["commonsenseqa"]
+    adapter = read_adapter(path)
+    engine = Engine(gemma3, [adapter])  # checks that every LoRA module fits the model
+    assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    card = (path / "README.md").read_text()
+    assert "--prompt-format zero-shot" in card and "--task commonsenseqa-text" in card
+    problem = Problem("0", "Where do you keep milk cold?", "B", (("A", "oven"), ("B", "refrigerator"), ("C", "garden")))
+    style = make_style("zero-shot")
+    out = engine.generate(style.render(problem), decoder="expert", max_new_tokens=12, stop=list(style.stop))[0]
+    assert out.text.startswith(" The answer is"), out.text  # the trained format; the base model rambles instead

@@ -92,6 +92,8 @@ def test_tune_end_to_end_on_the_tiny_model(tiny_dir, tune_lora, tmp_path, monkey
     assert (zero["value"], zero["low"], zero["high"]) == (0, 0, 0)
     assert set(data["best"]) == {"expert", "cold"}
     assert "cold eval --task coin_flip --decoders base,expert" in result.stdout
+    next_command = " ".join(result.stdout.split("measure them on the test split:")[1].split())  # unwrapped
+    assert f"--model {tiny_dir}" in next_command and "--prompt zero-shot" in next_command  # the same model and prompt
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| decoder | n | accuracy (flexible) |" in (out / "tune.md").read_text()
 

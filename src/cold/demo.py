@@ -14,6 +14,9 @@ DEMO_ADAPTERS = {
         "last_letters": "smollm2-last_letters",
         "commonsenseqa": "smollm2-commonsenseqa-text",  # answers with the choice's text
     },
+    "gemma3": {  # a base model: its adapter is trained on, and evaluated with, the zero-shot text prompt
+        "commonsenseqa": "gemma3-commonsenseqa-text",
+    },
 }
 # tasks whose adapter fits another task too (the public test files of the same family)
 TASK_ADAPTER = {"multiarith": "gsm8k", "singleeq": "gsm8k"}

@@ -315,7 +315,8 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False) -> tuple[str, l
         return tokenizer.decode(ids), ids
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ColdError("this model's tokenizer has no chat template; run without --chat")
+            raise ColdError("this model's tokenizer has no chat template: give it plain text "
+                            "(cold generate without --chat; cold eval / cold tune --prompt zero-shot or few-shot)")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         return prompt, tokenizer(text, add_special_tokens=False).input_ids
     return prompt, tokenizer(prompt).input_ids

@@ -371,7 +371,7 @@ def _data_shown(data_path: str, hp: dict) -> str:
 def _format_shown(hp: dict) -> str:
     if hp.get("prompt_format") == "zero-shot":
         return ("`cold eval --prompt zero-shot`'s text prompt `Question: <question>\\nAnswer:` (evaluate with "
-                "`--prompt zero-shot`), then ` <answer>` and the EOS token; the answer is")
+                "`--prompt zero-shot`), then ` <answer>` and the EOS token, with <answer> =")
     return f"the tokenizer's chat template, user = question, assistant (ending in `{END_OF_TURN}`) ="
 
 
@@ -395,7 +395,7 @@ Weights are stored as {hp['save_dtype']} safetensors; load with
 
 - {_data_shown(summary['data_path'], hp)}: {summary['num_train_examples']} examples used
   ({summary['skipped_too_long']} longer than {hp['max_length']} tokens skipped).
-- Format: {_format_shown(hp)}, {TASK_FORMATS.get(hp['task'], 'the answer')}.
+- Format: {_format_shown(hp)} {TASK_FORMATS.get(hp['task'], 'the answer')}.
 - Loss only on the answer tokens and its end; prompt tokens are masked.
 - Examples seen: {summary['examples_seen']} ({summary['epochs']:.3f} epochs), seeded shuffle.
 

@@ -75,6 +75,10 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
     where = f"{run.task.name} ({run.split})" if run.split else _shown(run.path)
     title = f"cold tune: {where}, n = {len(run.problems)}, prompt {prompt.value}, max {max_new_tokens} new tokens"
     next_eval = ["cold", "eval", "--task", run.task.name, "--decoders", tune.chosen_decoders(summary)]
+    if model != "smollm2":
+        next_eval += ["--model", model]
+    if dtype != "float32":
+        next_eval += ["--dtype", dtype]
     if adapter:
         next_eval += ["--adapter", str(adapter)]
     if prompt is not PromptChoice.chat:

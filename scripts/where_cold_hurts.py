@@ -1,0 +1,76 @@
+"""Where does CoLD lose on a multiple-choice task? Split the problems by what the amateur (the base
+model) itself prefers at the first answer token, and compare `expert` and `cold` within each part.
+
+    python scripts/where_cold_hurts.py eval-runs/commonsenseqa-dev-gemma3-commonsenseqa-text
+
+(the model, prompt style and problems are the run's own, from its run.json).
+
+For an adapter that answers `The answer is <choice text>.`, the answer is decided at the token
+after `The answer is`. There, CoLD scores (1+beta) s_expert - beta s_base. This script runs the base
+model once per problem on `<prompt> The answer is` (the context the amateur row sees at that
+step) and takes, among the choices' first tokens, the one the base model ranks highest. Then it
+reports, for the problems where the base model's choice is right and where it is wrong, the
+accuracy of `expert` and of a `cold` run from the same run directory (its records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from cold.evaluation.prompts import make_style
+from cold.evaluation.stats import paired_difference
+from cold.evaluation.tasks import read_commonsenseqa
+
+
+def read_records(run: Path, decoder: str) -> dict[str, bool]:
+    name = decoder.replace("/", "_") + ".jsonl"
+    rows = [json.loads(line) for line in (run / "records" / name).read_text().splitlines()]
+    return {r["id"]: r["correct"]["flexible"] for r in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a `cold eval` run directory of a CommonsenseQA-style task")
+    parser.add_argument("--cold", default="cold@0.1/0.5", help="the cold decoder label in the run")
+    parser.add_argument("--answer-prefix", default="The answer is", help="what the adapter writes before the choice")
+    args = parser.parse_args()
+
+    from cold.engine import Engine
+    from cold.models import load_base
+
+    run_info = json.loads((args.run / "run.json").read_text())
+    problems = {p.id: p for p in read_commonsenseqa(Path(run_info["data"]))}
+    expert, cold = read_records(args.run, "expert"), read_records(args.run, args.cold)
+    engine = Engine(load_base(run_info["model"]))  # no adapter: the bare base model, as the amateur row
+    style = make_style(run_info["prompt"])
+    parts: dict[str, list[tuple[bool, bool]]] = {"base picks the gold choice": [], "base picks another choice": []}
+    ties = 0
+    with torch.inference_mode():
+        for pid in expert:
+            problem = problems[pid]
+            _, ids = engine.encode(style.render(problem), chat=style.chat)
+            ids = ids + engine.tokenizer(" " + args.answer_prefix, add_special_tokens=False).input_ids
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]  # [V]
+            firsts = {label: engine.tokenizer(" " + text, add_special_tokens=False).input_ids[0] for label, text in problem.choices}
+            if len(set(firsts.values())) < len(firsts):
+                ties += 1  # two choices start with the same token: the first token does not decide
+                continue
+            pick = max(firsts, key=lambda label: logits[firsts[label]].item())
+            key = "base picks the gold choice" if pick == problem.gold else "base picks another choice"
+            parts[key].append((expert[pid], cold[pid]))
+    print(f"{args.run.name}: {len(expert)} problems, {ties} left out (two choices share a first token)")
+    print(f"| part | n | expert | {args.cold} | {args.cold} - expert, points (paired 95% CI) |")
+    print("|---|---|---|---|---|")
+    for key, pairs in parts.items():
+        e, c = [a for a, _ in pairs], [b for _, b in pairs]
+        diff = paired_difference(c, e)
+        print(f"| {key} | {len(pairs)} | {100 * sum(e) / len(e):.1f}% | {100 * sum(c) / len(c):.1f}% | "
+              f"{100 * diff.value:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
+
+
+if __name__ == "__main__":
+    main()
