@@ -7,7 +7,8 @@ runs one decode step (one new token per row) through the transformer body direct
 - the base weights are the model's own tensors, used in place (fusing q/k/v into one matrix
   would copy them: +0.5 GB resident here, for no measurable gain);
 - the LoRA A matrices of q/k/v (of gate/up) are stacked, so each group costs one A matmul and
-  one row-scale multiply, and each member one `addmm` of its B;
+  one row-scale multiply, and each member one in-place `addmm_` of its B, on the adapted rows
+  only (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
 - residual adds are folded into the output projections (`addmm`);
 - rotary embedding is applied to q and k in one go; attention is the same grouped SDPA call as
   the reference path (`cold.attention`).

@@ -10,7 +10,8 @@ bare base model (the amateur rows of CoLD), 1 for a plain expert row, or any oth
 adapter scaled up or down). This is the batched-gather LoRA op (BGMV) of multi-LoRA servers.
 
 `lora_delta_reference` is the readable definition; the layer uses `lora_delta_single` when all
-adapted rows share one adapter (two plain matmuls, the common CoLD case) and
+adapted rows share one adapter (two plain matmuls on the run of rows that holds them, so CoLD's
+amateur rows, laid out after the experts, skip the LoRA: the common CoLD case) and
 `lora_delta_gathered` (one gather, two batched matmuls) otherwise; tests check all three agree.
 """
 
