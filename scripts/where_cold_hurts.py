@@ -26,10 +26,21 @@ from cold.evaluation.stats import paired_difference
 from cold.evaluation.tasks import read_commonsenseqa
 
 
-def read_records(run: Path, decoder: str) -> dict[str, bool]:
+def read_records(run: Path, decoder: str) -> dict[str, dict]:
     name = decoder.replace("/", "_") + ".jsonl"
     rows = [json.loads(line) for line in (run / "records" / name).read_text().splitlines()]
-    return {r["id"]: r["correct"]["flexible"] for r in rows}
+    return {r["id"]: r for r in rows}
+
+
+def print_parts(title: str, parts: dict[str, list[tuple[bool, bool]]], cold_label: str) -> None:
+    """One Markdown table: per part, expert and cold accuracy and their paired difference."""
+    print(f"\n| {title} | n | expert | {cold_label} | {cold_label} - expert, points (paired 95% CI) |")
+    print("|---|---|---|---|---|")
+    for key, pairs in parts.items():
+        e, c = [a for a, _ in pairs], [b for _, b in pairs]
+        diff = paired_difference(c, e)
+        print(f"| {key} | {len(pairs)} | {100 * sum(e) / len(e):.1f}% | {100 * sum(c) / len(c):.1f}% | "
+              f"{100 * diff.value:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
 
 
 def main() -> None:
@@ -47,7 +58,9 @@ def main() -> None:
     expert, cold = read_records(args.run, "expert"), read_records(args.run, args.cold)
     engine = Engine(load_base(run_info["model"]))  # no adapter: the bare base model, as the amateur row
     style = make_style(run_info["prompt"])
-    parts: dict[str, list[tuple[bool, bool]]] = {"base picks the gold choice": [], "base picks another choice": []}
+    by_base = {"base picks the gold choice": [], "base picks another choice": []}
+    by_agreement = {"expert answers the base's choice": [], "expert answers another choice": []}
+    gated = []  # (expert right, right when contrasting only where expert and base disagree)
     ties = 0
     with torch.inference_mode():
         for pid in expert:
@@ -60,16 +73,19 @@ def main() -> None:
                 ties += 1  # two choices start with the same token: the first token does not decide
                 continue
             pick = max(firsts, key=lambda label: logits[firsts[label]].item())
-            key = "base picks the gold choice" if pick == problem.gold else "base picks another choice"
-            parts[key].append((expert[pid], cold[pid]))
+            pair = (expert[pid]["correct"]["flexible"], cold[pid]["correct"]["flexible"])
+            by_base["base picks the gold choice" if pick == problem.gold else "base picks another choice"].append(pair)
+            agree = expert[pid]["answer"]["flexible"] == pick
+            by_agreement["expert answers the base's choice" if agree else "expert answers another choice"].append(pair)
+            gated.append((pair[0], pair[0] if agree else pair[1]))
     print(f"{args.run.name}: {len(expert)} problems, {ties} left out (two choices share a first token)")
-    print(f"| part | n | expert | {args.cold} | {args.cold} - expert, points (paired 95% CI) |")
-    print("|---|---|---|---|---|")
-    for key, pairs in parts.items():
-        e, c = [a for a, _ in pairs], [b for _, b in pairs]
-        diff = paired_difference(c, e)
-        print(f"| {key} | {len(pairs)} | {100 * sum(e) / len(e):.1f}% | {100 * sum(c) / len(c):.1f}% | "
-              f"{100 * diff.value:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
+    print_parts("the base model's own choice", by_base, args.cold)
+    print_parts("expert and base model", by_agreement, args.cold)
+    e, g = [a for a, _ in gated], [b for _, b in gated]
+    diff = paired_difference(g, e)
+    print(f"\nEstimate, from these records, of contrasting only where the expert's answer differs from the base "
+          f"model's choice: {100 * sum(g) / len(g):.1f}% vs expert {100 * sum(e) / len(e):.1f}%, "
+          f"{100 * diff.value:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] points (n = {len(gated)}).")
 
 
 if __name__ == "__main__":
