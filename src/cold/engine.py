@@ -269,8 +269,10 @@ class Engine:
         params = [requests[i].params for i in contrastive]
         alpha = torch.tensor([p.alpha for p in params], device=device)
         beta = torch.tensor([p.beta for p in params], device=device)
-        score = self._contrastive_scores(hidden, layout, idx, expert[idx], alpha, beta, [p.scoring for p in params])
-        if len(contrastive) == len(requests):
+        every = len(contrastive) == len(requests)  # the usual CoLD batch: no [S, V] gather, no copy back
+        own = expert if every else expert[idx]
+        score = self._contrastive_scores(hidden, layout, idx, own, alpha, beta, [p.scoring for p in params])
+        if every:
             return score
         out = expert.clone()
         out[idx] = score
