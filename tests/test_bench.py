@@ -75,6 +75,18 @@ def test_step_bench_writes_json_png_and_markdown(tiny_dir, tiny_lora, tmp_path):
     assert "cold-naive" in result.stdout and "step ms" in result.stdout
 
 
+def test_kv_dtype_reaches_the_engine_decoders_and_the_report(tiny_dir, tiny_lora, tmp_path):
+    report_path = tmp_path / "kv.json"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--batch-sizes", "1",
+                                 "--repeats", "1", "--warmup", "1", "--decoders", "expert,cold", "--kv-dtype", "bfloat16",
+                                 "--no-isolate", *TINY, "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["kv_dtype"] == "bfloat16" and "--kv-dtype bfloat16" in report["command"]
+    assert "KV cache bfloat16" in result.stdout
+    assert [r["decoder"] for r in report["rows"]] == ["expert", "cold"]
+
+
 @pytest.mark.parametrize("refill", [False, True])
 def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, refill):
     problems = tmp_path / "gsm8k.jsonl"
@@ -112,6 +124,8 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, r
         (["--e2e", "2", "--decoders", "cold-naive"], "cold-naive"),
         (["--adapter", "/nonexistent/lora"], "--adapter"),
         (["--dtype", "float64"], "float64"),
+        (["--kv-dtype", "bfloat16"], "--kv-dtype applies to our engine's decoders"),
+        (["--kv-dtype", "int8", "--decoders", "expert,cold"], "int8"),
     ],
 )
 def test_bad_options_are_refused_with_a_clear_error(args, message):

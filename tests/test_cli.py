@@ -75,6 +75,8 @@ def test_stream_json_events_add_up(tiny_dir, tiny_lora):
         (["-n", "0", "x"], "max_new_tokens must be"),
         (["--input", "/nonexistent.jsonl"], "file not found"),
         (["--adapter", "/nonexistent-adapter", "x"], "directory not found"),
+        (["--kv-dtype", "int8", "x"], "is not one of"),
+        (["--engine", "vllm", "--kv-dtype", "bfloat16", "x"], "--kv-dtype applies to --engine cold"),
     ],
 )
 def test_errors_are_one_clear_line(tiny_dir, args, message):

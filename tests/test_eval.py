@@ -368,6 +368,20 @@ def test_eval_end_to_end_on_the_tiny_model_then_resumes(tiny_dir, tiny_lora, tmp
 
 
 @needs_data
+def test_eval_with_a_bfloat16_kv_cache_records_it_and_keeps_it_apart(tiny_dir, tiny_lora, tmp_path):
+    out = tmp_path / "kv"
+    args = ["--task", "coin_flip", "--model", tiny_dir, "--adapter", tiny_lora, "--prompt", "zero-shot", "-n", 4,
+            "--limit", 2, "--decoders", "expert,cold", "--out", out]
+    result = _eval(*args, "--kv-dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kv_dtype"] == "bfloat16" and "--kv-dtype bfloat16" in summary["command"]
+    assert "(KV cache bfloat16)" in (out / "summary.md").read_text()
+    default = _eval(*args)  # the float32 cache's records must not mix with these
+    assert default.exit_code == 2 and "holds a run with other settings" in default.output
+
+
+@needs_data
 def test_eval_on_the_real_model_with_its_demo_adapter(tmp_path):
     out = tmp_path / "real"
     result = _eval("--task", "gsm8k", "--limit", 2, "-n", 24, "--decoders", "expert,cold", "--out", out)
@@ -390,6 +404,7 @@ def test_eval_on_the_real_model_with_its_demo_adapter(tmp_path):
         (["--adapter", "/nonexistent-adapter"], "--adapter /nonexistent-adapter: directory not found"),
         (["--limit", "0"], "--limit must be >= 1"),
         (["--split", "valid"], "has no split 'valid'"),
+        (["--kv-dtype", "int8"], "'int8' is not one of"),
     ],
 )
 def test_errors_are_one_clear_line(args, message, tmp_path):

@@ -5,6 +5,9 @@ attention mask is given (always, with left padding), copying the whole KV cache 
 of every step. Here, one decode token's query heads that share a KV head are folded into the
 query-length axis and attend to that KV head directly; prefill uses `enable_gqa`. Same
 arithmetic, no copies. Registered with transformers' AttentionInterface as "cold_sdpa".
+
+Attention runs in the dtype of the keys: a bfloat16 KV cache under a float32 model
+(`Engine(kv_dtype=...)`) gets a bfloat16 query and gives its output back in float32.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     Returns ([B, T, Hq, D], None) like transformers' attention functions.
     """
     batch, q_heads, q_len, dim = query.shape
+    compute_dtype = query.dtype
+    query = query.to(key.dtype)
     kv_heads = key.shape[1]
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
@@ -37,7 +42,7 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             is_causal=causal, enable_gqa=kv_heads != q_heads,
         )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(compute_dtype).contiguous(), None
 
 
 def use_grouped_attention(model) -> None:

@@ -130,6 +130,8 @@ def command_line(s: dict) -> str:
                   "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--seed", str(s["seed"])]
     parts += ["--new-tokens", str(s["new_tokens"]), "--decoders", ",".join(s["decoders"]),
               "--alpha", str(s["alpha"]), "--beta", str(s["beta"]), "--device", s["device"], "--dtype", s["dtype"]]
+    if s["kv_dtype"]:
+        parts += ["--kv-dtype", s["kv_dtype"]]
     if s["threads"]:
         parts += ["--threads", str(s["threads"])]
     return shlex.join(parts)
@@ -211,7 +213,7 @@ def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
     from cold import bench_cells, bench_report
 
     s = settings
-    common = {k: s[k] for k in ("model", "device", "dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
+    common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
     machine = machine_info()
     meter = LoadMeter(cells)
     say = progress or (lambda text: None)
@@ -307,7 +309,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
     machine = machine_info()
     meter = LoadMeter(cells)
     questions = load_questions(Path(s["e2e_file"]), s["e2e"])
-    common = {k: s[k] for k in ("model", "device", "dtype", "threads", "alpha", "beta", "new_tokens")}
+    common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "new_tokens")}
     if s["make_adapter"]:
         say("making a random LoRA")
         cells.run(bench_cells.info_cell, {**common, "adapter": None, "make_adapter": s["make_adapter"], "max_batch": 1,
@@ -373,6 +375,7 @@ def bench_command(
     seed: Annotated[int, typer.Option(help="Seed of the random prompts (and of a random LoRA).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype of our engine's decoders (default: --dtype), e.g. bfloat16 under float32 weights: half the cache memory.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads in every measuring process (default: torch's default).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart here.")] = None,
@@ -406,12 +409,13 @@ def bench_command(
         if warmup < 0:
             raise ColdError(f"--warmup must be >= 0, got {warmup}")
         pick_dtype(dtype)
+        kv_dtype = _kv_dtype(kv_dtype, dtype, _decoder_list(decoders, bool(e2e)))
         device = str(pick_device(device))  # "auto" -> what it means here
         settings = {
             "model": model, "adapter_given": adapter, "decoders": _decoder_list(decoders, bool(e2e)),
             "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "alpha": alpha, "beta": beta, "seed": seed,
-            "device": device, "dtype": dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
+            "device": device, "dtype": dtype, "kv_dtype": kv_dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
             "e2e": e2e, "e2e_file": str(e2e_file), "e2e_batch_size": e2e_batch_size, "e2e_refill": e2e_refill,
         }
         with tempfile.TemporaryDirectory(prefix="cold-bench-") as tmp:
@@ -433,6 +437,20 @@ def bench_command(
     finally:
         if cells is not None:
             cells.close()
+
+
+def _kv_dtype(kv_dtype: str | None, dtype: str, decoders: list[str]) -> str | None:
+    """--kv-dtype checked: None when it is the weights' dtype; only our engine's decoders take another."""
+    from cold.bench_cells import ENGINE_DECODERS
+    from cold.models import pick_dtype
+
+    if kv_dtype is None or pick_dtype(kv_dtype) == pick_dtype(dtype):
+        return None
+    others = [d for d in decoders if d not in ENGINE_DECODERS]
+    if others:
+        raise ColdError(f"--kv-dtype applies to our engine's decoders only ({', '.join(ENGINE_DECODERS)}); "
+                        f"leave it out or drop {', '.join(others)} from --decoders")
+    return kv_dtype
 
 
 def _write_outputs(report: dict, json_path: Path | None, plot_path: Path | None, markdown_path: Path | None) -> None:

@@ -131,7 +131,7 @@ class EngineRunner:
         decoder = spec["decoder"].removesuffix(REFERENCE_SUFFIX)
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
-        self.engine = Engine(base, adapters, lean=not spec["decoder"].endswith(REFERENCE_SUFFIX))
+        self.engine = Engine(base, adapters, lean=not spec["decoder"].endswith(REFERENCE_SUFFIX), kv_dtype=spec.get("kv_dtype"))
         # the transformer body, timed by ForwardClock: the lean decode step where it replaces it
         self.module = self.engine.lean or self.engine.model.get_decoder()
         self.params = DecodeParams(
@@ -453,7 +453,8 @@ def e2e_cell(spec: dict) -> dict:
 
     threads = set_threads(spec["threads"])
     device = torch.device(spec["device"])
-    engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])])
+    engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])],
+                    kv_dtype=spec.get("kv_dtype"))
     params = DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
     questions = spec["questions"]
     engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up

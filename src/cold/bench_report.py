@@ -147,13 +147,18 @@ def _quiet(machine: dict) -> str:
             f"other processes kept {busy} busy on average during the run")
 
 
+def _kv(settings: dict) -> str:
+    """' (KV cache bfloat16)' when the engine's cache is stored narrower than the weights."""
+    return f" (KV cache {settings['kv_dtype']})" if settings.get("kv_dtype") else ""
+
+
 def header_lines(report: dict) -> list[str]:
     m, s, i, bw = report["machine"], report["settings"], report["info"], report["bandwidth"]
     lora = f"LoRA r={i['adapter_rank']} on {i['adapter_modules']} modules, {i['lora_bytes'] / 2**20:.1f} MiB" if i["adapter"] else "no adapter"
     return [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
-        f"model: {s['model']} ({i['architecture']}, {i['params'] / 1e6:.0f}M params, {s['dtype']}, "
+        f"model: {s['model']} ({i['architecture']}, {i['params'] / 1e6:.0f}M params, {s['dtype']}{_kv(s)}, "
         f"{i['weight_bytes'] / 2**20:.0f} MiB read per step); {lora}",
         f"prompts: {s['prompt_tokens']} random tokens (seed {s['seed']}); {s['new_tokens']} decode steps, EOS ignored; "
         f"median over {s['repeats']} rounds (a fresh process per decoder each, after a prefill and {s['warmup']} warm-up steps); alpha={s['alpha']} beta={s['beta']}",
@@ -316,7 +321,7 @@ def e2e_header_lines(report: dict) -> list[str]:
     return [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
-        f"model: {s['model']} {s['dtype']}, adapter {report['info']['adapter']}",
+        f"model: {s['model']} {s['dtype']}{_kv(s)}, adapter {report['info']['adapter']}",
         f"task: the first {s['e2e']} problems of {s['e2e_file']}, chat prompt, "
         + (f"continuous batching of {s['e2e_batch_size']} (a problem joins as one finishes; groups of "
            f"{4 * s['e2e_batch_size']} problems per process)" if s.get("e2e_refill") else

@@ -125,6 +125,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together in one batch.")] = 16,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
     engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Complete prompts with CoLD, the adapted model alone, or the base model alone.
@@ -153,6 +154,7 @@ def generate(
             from cold.vllm.cli import VllmGenerator, check_supported
 
             check_supported(params, use, stream, device)
+            refuse_kv_dtype_on_vllm(kv_dtype)
             with err.status(f"Starting vLLM with {model}" + (f" and adapter {', '.join(adapters)}" if adapters else "") + " …"):
                 generator = VllmGenerator(model, adapters, dtype)
             try:
@@ -160,7 +162,7 @@ def generate(
             finally:
                 generator.close()
             return
-        engine = _load_engine(model, adapters, device, dtype)
+        engine = _load_engine(model, adapters, device, dtype, kv_dtype)
         if stream:
             _print_streams(engine, texts, params, chat, as_json)
         else:
@@ -170,11 +172,16 @@ def generate(
         raise typer.Exit(2) from None
 
 
-def _load_engine(model: str, adapters: dict[str, str], device: str, dtype: str):
+def _load_engine(model: str, adapters: dict[str, str], device: str, dtype: str, kv_dtype: str | None):
     from cold.engine import Engine
 
     with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
-        return Engine.load(model, adapters, device=device, dtype=dtype)
+        return Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
+
+
+def refuse_kv_dtype_on_vllm(kv_dtype: str | None) -> None:
+    if kv_dtype is not None:
+        raise ColdError("--kv-dtype applies to --engine cold; vLLM sizes and types its own KV cache")
 
 
 def _print_batches(engine, texts, params, chat, as_json, batch_size) -> None:

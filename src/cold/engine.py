@@ -19,6 +19,7 @@ import torch
 
 from cold import scoring
 from cold.adapters import LoraAdapter, read_adapter
+from cold.attention import NAME as GROUPED_ATTENTION
 from cold.attention import use_grouped_attention
 from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.errors import ColdError
@@ -26,7 +27,7 @@ from cold.kvcache import new_cache
 from cold.lean import LeanDecoder
 from cold.lean import supports as lean_supported
 from cold.lora import RowLoRALinear, RowSelection, install_adapters, uninstall_adapters
-from cold.models import DEFAULT_MODEL, BaseModel, load_base
+from cold.models import DEFAULT_MODEL, BaseModel, load_base, pick_dtype
 from cold.params import DecodeParams
 from cold.running import RunningBatch
 from cold.text import TextTracker
@@ -71,12 +72,21 @@ class Request:
 class Engine:
     """A base model with row-indexed LoRA adapters installed, ready to decode."""
 
-    def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True):
+    def __init__(
+        self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True,
+        kv_dtype: str | torch.dtype | None = None,
+    ):
         """`lean=False` runs every step through the reference path (transformers' forward with
-        row-indexed LoRA layers) instead of the lean decode step of `cold.lean`."""
+        row-indexed LoRA layers) instead of the lean decode step of `cold.lean`.
+
+        `kv_dtype`: the dtype the KV cache stores (None: the model's). "bfloat16" under a float32
+        model halves the cache's memory and the bytes attention reads; keys and values are
+        rounded, so tokens can differ from the float32 cache's where scores nearly tie.
+        """
         self.base = base
         self.model = base.model
         use_grouped_attention(self.model)
+        self.kv_dtype = _kv_dtype(kv_dtype, self.model)
         self.tokenizer = base.tokenizer
         self.rows = RowSelection()
         self.adapters: list[LoraAdapter] = []
@@ -98,11 +108,14 @@ class Engine:
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
         lean: bool = True,
+        kv_dtype: str | torch.dtype | None = None,
     ) -> "Engine":
         """Load a base model and adapters. Adapter files are read and checked before the model loads."""
         items = adapters.items() if isinstance(adapters, Mapping) else [(None, p) for p in adapters]
         read = [read_adapter(path, name) for name, path in items]
-        return cls(load_base(model, device=device, dtype=dtype), read, lean=lean)
+        if kv_dtype is not None:
+            pick_dtype(kv_dtype)  # a bad name fails before the model loads
+        return cls(load_base(model, device=device, dtype=dtype), read, lean=lean, kv_dtype=kv_dtype)
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -254,7 +267,7 @@ class Engine:
     def prefill(self, requests: list[Request], layout: RowLayout):
         """Run every row's prompt; return (hidden [R, H], cache, attention_mask, next positions [R])."""
         ids, mask, positions = left_pad([requests[r.seq].prompt_ids for r in layout.rows], self.pad_id, self.device)
-        cache = new_cache(self.model.config)
+        cache = new_cache(self.model.config, self.kv_dtype)
         hidden = self.forward(layout, ids, mask, positions, cache)
         return hidden, cache, mask, positions[:, -1] + 1
 
@@ -288,10 +301,12 @@ class Engine:
         rows = layout.amateur_row[seqs]
         head = self.model.get_output_embeddings()
         if set(forms) == {"logit"} and not isinstance(head, RowLoRALinear) and getattr(head, "bias", None) is None:
-            valid = scoring.plausibility_mask(expert, alpha)  # [C, V]
-            columns = valid.any(dim=0).nonzero().squeeze(1)  # [K]
+            threshold = scoring.plausibility_threshold(expert, alpha)  # [C, 1]
+            # columns inside some sequence's mask; a - b >= 0 iff a >= b, and one [C, V] pass less than any()
+            columns = ((expert - threshold).amax(dim=0) >= 0).nonzero().squeeze(1)  # [K]
+            own = expert[:, columns]  # [C, K]
             amateur = self._softcap((hidden[rows] @ head.weight[columns].T).float())  # [C, K]
-            part = scoring.contrastive_scores(expert[:, columns], amateur, alpha, beta, "logit", valid[:, columns])
+            part = scoring.contrastive_scores(own, amateur, alpha, beta, "logit", own >= threshold)
             return torch.full_like(expert, scoring.NEG_INF).index_copy_(1, columns, part)
         amateur = self.logits(hidden[rows], layout.subset(rows))
         if len(set(forms)) == 1:
@@ -322,6 +337,21 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False) -> tuple[str, l
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         return prompt, tokenizer(text, add_special_tokens=False).input_ids
     return prompt, tokenizer(prompt).input_ids
+
+
+def _kv_dtype(kv_dtype: str | torch.dtype | None, model) -> torch.dtype | None:
+    """The KV cache's dtype (None: the model's own), checked against what the model can attend with."""
+    if kv_dtype is None:
+        return None
+    wanted, own = pick_dtype(kv_dtype), next(model.parameters()).dtype
+    if wanted == own:
+        return None
+    if getattr(model.config, "_attn_implementation", None) != GROUPED_ATTENTION:
+        raise ColdError(
+            f"kv_dtype {kv_dtype!r} differs from the model's dtype ({str(own).removeprefix('torch.')}), which needs "
+            f"SDPA attention; this model uses {model.config._attn_implementation!r}: leave kv_dtype unset"
+        )
+    return wanted
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

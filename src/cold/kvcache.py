@@ -5,6 +5,10 @@ every decode step (O(length) per step; at batch 16 it was a quarter of the step 
 `GrowingLayer` keeps a buffer with spare capacity and writes the new column into it; `keys` and
 `values` are views of the filled part, so everything that reads or reassigns them (row
 selection, beam reordering, merging batches) works unchanged.
+
+The buffers may hold a narrower dtype than the model computes in (`new_cache(config, dtype)`,
+e.g. bfloat16 under a float32 model: half the cache memory); keys and values are rounded to it
+when written, and attention (`cold.attention`, `cold.lean`) computes in the cache's dtype.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ SPARE_COLUMNS = 64  # extra capacity allocated whenever the buffer must grow
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values: buffers [R, H, capacity, D], the first `length` columns used."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None):
         super().__init__()
+        self.store_dtype = dtype  # None: whatever dtype the first keys come in
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._k_length = self._v_length = 0  # equal except between the two assignments below
@@ -49,6 +54,8 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.store_dtype is not None:
+            key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
         length, new = self._k_length, key_states.shape[-2]
         if self._k is None or length == 0:
             self._k, self._v = self._grown(key_states, 0), self._grown(value_states, 0)
@@ -69,8 +76,9 @@ class GrowingLayer(DynamicLayer):
         return buffer
 
 
-def new_cache(config) -> DynamicCache:
-    """A DynamicCache for `config` whose full-attention layers append in place."""
+def new_cache(config, dtype: torch.dtype | None = None) -> DynamicCache:
+    """A DynamicCache for `config` whose full-attention layers append in place, storing keys and
+    values in `dtype` (None: the model's). Sliding-window layers (Gemma) keep transformers' own."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer(dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache

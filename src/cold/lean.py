@@ -143,8 +143,8 @@ class LeanDecoder(nn.Module):
             qk = _rotate(torch.cat([q, k], dim=1).view(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
             keys, values = cache.layers[index].update(qk[:, heads:, None], value.view(rows_n, kv, 1, dim))  # [R, Hkv, L, D]
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
-            attn = attn.reshape(rows_n, heads * dim)
+            attn = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scaling)
+            attn = attn.reshape(rows_n, heads * dim).to(x.dtype)  # the cache's dtype may be narrower
             x = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
             if lora and layer.lora_o:
                 layer.lora_o.add(x[span], layer.lora_o.hidden(attn[span], adapter, scale), 0, adapter)

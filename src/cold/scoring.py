@@ -18,10 +18,14 @@ SCORING_FORMS = ("logit", "logprob")
 NEG_INF = float("-inf")
 
 
+def plausibility_threshold(expert: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """[S, 1]: the lowest logit inside the mask, log(alpha) + the top logit."""
+    return torch.log(alpha.to(expert.dtype))[:, None] + expert.amax(dim=-1, keepdim=True)  # amax: no argmax kept
+
+
 def plausibility_mask(expert: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """[S, V] bool: tokens whose expert probability is at least alpha times the top one."""
-    threshold = torch.log(alpha.to(expert.dtype))[:, None] + expert.max(dim=-1, keepdim=True).values
-    return expert >= threshold
+    return expert >= plausibility_threshold(expert, alpha)
 
 
 def contrastive_scores(

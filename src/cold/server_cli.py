@@ -29,6 +29,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Refuse larger request bodies with 413.")] = 1 << 20,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
@@ -46,7 +47,7 @@ def serve(
     try:
         import uvicorn
 
-        from cold.cli import parse_adapter_specs
+        from cold.cli import parse_adapter_specs, refuse_kv_dtype_on_vllm
         from cold.demo import DEMO_ADAPTERS, demo_adapter_dir
         from cold.engine import Engine
         from cold.server import ServerConfig, create_app
@@ -70,11 +71,12 @@ def serve(
         if engine_name is EngineName.vllm:
             from cold.vllm.server import serve_vllm
 
+            refuse_kv_dtype_on_vllm(kv_dtype)
             serve_vllm(model, adapters, host=host, port=port, model_name=model_name or _model_id(model), dtype=dtype,
                        max_batch=max_batch, max_tokens=max_tokens, log_level=log_level, api_key=api_key)
             return
         with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
-            engine = Engine.load(model, adapters, device=device, dtype=dtype)
+            engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
         config = ServerConfig(
             model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
             max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,

@@ -27,6 +27,7 @@ BatchSize = Annotated[int, typer.Option(help="Problems decoded together in one b
 Bootstrap = Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+KvDtype = Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")]
 Model = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]
 Shots = Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")]
 
@@ -72,6 +73,7 @@ def eval_command(
     choices_field: Annotated[Optional[str], typer.Option(help="--task jsonl: field holding the choices (strings, or objects with label and text).")] = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    kv_dtype: KvDtype = None,
 ) -> None:
     """Run a task under several decoders on the same problems; report accuracy side by side.
 
@@ -131,7 +133,7 @@ def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype) -> None:
 
 def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
             out_dir, question_field, answer_field, answer_type, choices_field, dtype, default_split=None,
-            out_prefix="") -> Prepared:
+            out_prefix="", kv_dtype=None) -> Prepared:
     """Read the task, pick the problems, build the prompt style, find the adapter, open the run directory."""
     from cold.evaluation import runner, tasks
     from cold.evaluation.prompts import make_style
@@ -164,6 +166,7 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
         "adapter_sha1": runner.fingerprint(adapter_path) if adapter_path else None,
         "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
         "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
+        **({"kv_dtype": kv_dtype} if kv_dtype else {}),  # absent by default: older run directories still resume
     }
     if the_task.name == tasks.GENERIC:
         settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
@@ -176,11 +179,11 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
     return Prepared(the_task, split_name, path, chosen, style, adapter_path, settings, sample, out)
 
 
-def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size) -> dict[str, list[dict]]:
+def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None) -> dict[str, list[dict]]:
     """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
     from cold.evaluation import runner
 
-    engine = _LazyEngine(model, run.adapter, device, dtype)
+    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype)
     err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
     with _progress() as progress:
         results, generated = runner.run_decoders(
@@ -195,19 +198,22 @@ def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, bat
 
 def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
          batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
-         device, dtype) -> None:
+         device, dtype, kv_dtype) -> None:
     from cold.evaluation import decoders as decoder_specs
     from cold.evaluation import report, tasks
+    from cold.models import pick_dtype
 
     specs = decoder_specs.parse_decoders(decoders)
     check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
+    if kv_dtype is not None and pick_dtype(kv_dtype) == pick_dtype(dtype):
+        kv_dtype = None  # the default, spelled out
     run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-                  out_dir, question_field, answer_field, answer_type, choices_field, dtype)
-    results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size)
+                  out_dir, question_field, answer_field, answer_type, choices_field, dtype, kv_dtype=kv_dtype)
+    results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype)
 
     command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
                        limit, seed, batch_size, run.out, headline.value, question_field, answer_field, answer_type.value,
-                       choices_field, device, dtype, run.task.name == tasks.GENERIC)
+                       choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype)
     info = {**run.settings, "data": _shown(run.path), "adapter": _shown(run.adapter) if run.adapter else None,
             "selection": run.sample, "device": device, "batch_size": batch_size, "command": command,
             "prompt": prompt.value + (f" ({shots} shots)" if prompt is PromptChoice.few_shot else "")}
@@ -247,8 +253,8 @@ def _adapter_path(model: str, adapter: Optional[Path], specs, task: str = "") ->
 class _LazyEngine:
     """Loads the model on the first generation, so a fully resumed run never loads it."""
 
-    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str):
-        self.args = model, adapter, device, dtype
+    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str, kv_dtype: Optional[str] = None):
+        self.args = model, adapter, device, dtype, kv_dtype
         self.engine = None
 
     def generate(self, prompts, **kwargs):
@@ -258,9 +264,10 @@ class _LazyEngine:
         if self.engine is None:
             from cold.engine import Engine
 
-            model, adapter, device, dtype = self.args
+            model, adapter, device, dtype, kv_dtype = self.args
             with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "") + " …"):
-                self.engine = Engine.load(model, {adapter.name: str(adapter)} if adapter else {}, device=device, dtype=dtype)
+                self.engine = Engine.load(model, {adapter.name: str(adapter)} if adapter else {}, device=device, dtype=dtype,
+                                          kv_dtype=kv_dtype)
                 self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
         return self.engine
 
@@ -287,7 +294,7 @@ class _progress:
 
 
 def _command(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-             batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic) -> str:
+             batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic, kv_dtype=None) -> str:
     """The command line that reproduces this run (defaults left out)."""
     args = ["cold", "eval", "--task", task]
     optional = [
@@ -298,6 +305,7 @@ def _command(task, data, split, decoders, model, adapter, prompt, shots, instruc
         ("--seed", seed if limit is not None else None), ("--batch-size", None if batch_size == 16 else batch_size),
         ("--out", out), ("--headline", None if headline == "flexible" else headline),
         ("--device", None if device == "cpu" else device), ("--dtype", None if dtype == "float32" else dtype),
+        ("--kv-dtype", kv_dtype),
     ]
     if generic:
         optional += [("--question-field", question_field), ("--answer-field", answer_field),

@@ -159,7 +159,8 @@ def markdown(summary: dict) -> str:
         ("adapter", summary.get("adapter")),
         ("prompt", summary.get("prompt")),
         ("max new tokens", summary.get("max_new_tokens")),
-        ("device / dtype", f"{summary.get('device')} / {summary.get('dtype')}" if summary.get("device") else None),
+        ("device / dtype", f"{summary.get('device')} / {summary.get('dtype')}"
+         + (f" (KV cache {summary['kv_dtype']})" if summary.get("kv_dtype") else "") if summary.get("device") else None),
         ("batch size", summary.get("batch_size")),
     ]
     lines += [f"- {name}: {value}" for name, value in facts if value is not None]
