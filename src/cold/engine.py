@@ -69,6 +69,9 @@ class Request:
     generator: torch.Generator | None = field(default=None, repr=False)  # when sampling
 
 
+PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in chunks of columns)
+
+
 class Engine:
     """A base model with row-indexed LoRA adapters installed, ready to decode."""
 
@@ -267,8 +270,17 @@ class Engine:
     def prefill(self, requests: list[Request], layout: RowLayout):
         """Run every row's prompt; return (hidden [R, H], cache, attention_mask, next positions [R])."""
         ids, mask, positions = left_pad([requests[r.seq].prompt_ids for r in layout.rows], self.pad_id, self.device)
-        cache = new_cache(self.model.config, self.kv_dtype)
-        hidden = self.forward(layout, ids, mask, positions, cache)
+        # room for the whole generation up front: decoding then never reallocates the cache
+        reserve = min(ids.shape[1] + max(r.params.max_new_tokens for r in requests), self.base.context_length)
+        cache = new_cache(self.model.config, self.kv_dtype, reserve)
+        rows, length = ids.shape
+        # chunks of prompt columns bound the activations a forward holds: a CoLD batch (two rows
+        # per prompt) then peaks no higher than plain decoding of as many prompts
+        sliding = any(layer.is_sliding for layer in cache.layers)  # transformers' sliding caches: one pass
+        chunk = length if sliding else max(1, PREFILL_POSITIONS // rows)
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            hidden = self.forward(layout, ids[:, start:end], mask[:, :end], positions[:, start:end], cache)
         return hidden, cache, mask, positions[:, -1] + 1
 
     def scores(self, hidden: torch.Tensor, layout: RowLayout, requests: list[Request]) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""The static KV cache (`cold.kvcache`): room reserved at prefill, one block for every layer,
+prefill in chunks of columns; all of it invisible in the tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cold import engine as engine_module
+from cold.adapters import read_adapter
+from cold.batch import RowLayout
+from cold.engine import Engine
+from cold.kvcache import GrowingLayer
+from cold.running import RunningBatch
+from conftest import make_lora
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("kvcache-lora")
+    make_lora(tiny.model, path, std=0.2, seed=4)
+    return read_adapter(path, "all")
+
+
+PROMPTS = [[5, 9, 13, 40, 41, 42, 43], [7, 8, 9], [11, 12, 13, 14, 15]]
+
+
+def _tokens(engine: Engine, **params) -> list[list[int]]:
+    return [g.token_ids for g in engine.generate(PROMPTS, ignore_eos=True, **params)]
+
+
+def test_decoding_never_reallocates_and_every_layer_shares_one_block(tiny, adapter):
+    engine = Engine(tiny, [adapter])
+    requests = engine.make_requests(PROMPTS, None, False, dict(decoder="cold", max_new_tokens=12))
+    batch = RunningBatch(engine)
+    batch.join(requests, [0, 1, 2])
+    layers = batch.cache.layers
+    assert all(isinstance(layer, GrowingLayer) for layer in layers)
+    buffers = [(layer._k.data_ptr(), layer._v.data_ptr()) for layer in layers]
+    assert layers[0]._k.shape[2] == 7 + 12  # the longest prompt + max_new_tokens
+    block = layers[0]._k.untyped_storage().data_ptr()
+    assert all(layer._k.untyped_storage().data_ptr() == block for layer in layers)  # one allocation
+    for _ in range(11):
+        batch.step()
+    assert [(layer._k.data_ptr(), layer._v.data_ptr()) for layer in layers] == buffers  # written in place
+
+
+def test_rows_leaving_keep_the_room_and_the_rest_decodes_as_before(tiny, adapter):
+    params = dict(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=10)
+    alone = _tokens(Engine(tiny, [adapter]), **params)
+    engine = Engine(tiny, [adapter])
+    batch = RunningBatch(engine)
+    batch.join(engine.make_requests(PROMPTS, None, False, {**params, "ignore_eos": True}), [0, 1, 2])
+    out = {0: [], 1: [], 2: []}
+    for step in range(10):
+        for key, event in batch.step():
+            out[key] += event.token_ids
+        if step == 3:
+            capacity = batch.cache.layers[0]._k.shape[2]
+            batch.drop([1])
+            assert batch.cache.layers[0]._k.shape[2] == capacity and batch.cache.layers[0]._k.shape[0] == 2 * 2
+    assert out[0] == alone[0] and out[2] == alone[2]
+
+
+def test_prefill_in_chunks_of_columns_gives_the_same_tokens(tiny, adapter, monkeypatch):
+    for params in (dict(decoder="cold", alpha=0.1, beta=0.5), dict(decoder="expert"), dict(decoder="cold", num_beams=2)):
+        whole = _tokens(Engine(tiny, [adapter]), max_new_tokens=10, **params)
+        monkeypatch.setattr(engine_module, "PREFILL_POSITIONS", 8)  # 6 rows of 7 columns: chunks of 1 column
+        chunked = _tokens(Engine(tiny, [adapter]), max_new_tokens=10, **params)
+        monkeypatch.undo()
+        assert chunked == whole, params
+
+
+def test_chunked_prefill_hidden_states_match_one_pass(tiny, adapter, monkeypatch):
+    def prefill(engine: Engine) -> torch.Tensor:
+        requests = engine.make_requests(PROMPTS, None, False, dict(decoder="cold", max_new_tokens=4))
+        layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
+        with torch.inference_mode():
+            hidden, cache, _, _ = engine.prefill(requests, layout)
+        return hidden, cache.layers[-1].keys
+
+    whole = prefill(Engine(tiny, [adapter]))
+    monkeypatch.setattr(engine_module, "PREFILL_POSITIONS", 12)  # chunks of 2 columns
+    chunked = prefill(Engine(tiny, [adapter]))
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
