@@ -409,10 +409,11 @@ def bench_command(
         if warmup < 0:
             raise ColdError(f"--warmup must be >= 0, got {warmup}")
         pick_dtype(dtype)
-        kv_dtype = _kv_dtype(kv_dtype, dtype, _decoder_list(decoders, bool(e2e)))
+        decoder_list = _decoder_list(decoders, bool(e2e))
+        kv_dtype = _kv_dtype(kv_dtype, dtype, decoder_list)
         device = str(pick_device(device))  # "auto" -> what it means here
         settings = {
-            "model": model, "adapter_given": adapter, "decoders": _decoder_list(decoders, bool(e2e)),
+            "model": model, "adapter_given": adapter, "decoders": decoder_list,
             "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "alpha": alpha, "beta": beta, "seed": seed,
             "device": device, "dtype": dtype, "kv_dtype": kv_dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
