@@ -29,6 +29,26 @@ def test_default_model_is_converted_once_and_reused(smollm2, monkeypatch):
     assert torch.equal(again.model.get_submodule(name).weight, smollm2.model.get_submodule(name).weight)
 
 
+def test_a_copy_of_the_gguf_elsewhere_reuses_the_conversion(smollm2, tmp_path):
+    """The cache is keyed by the file's content, not its path or mtime: a reinstalled package (new
+    venv, new mtime) must not dequantise again and leave another 0.5 GB copy in the cache."""
+    import os
+    import shutil
+
+    original = models.builtin_gguf("smollm2")
+    copy = tmp_path / "elsewhere" / original.name
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    os.utime(copy, (0, 0))
+    assert models.resolve_model_dir(str(copy)) == models.resolve_model_dir("smollm2")
+
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(b"GGUF" + bytes(64))
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + bytes(63) + b"\x01")
+    assert models._gguf_cache_key(changed) != models._gguf_cache_key(other)
+
+
 def test_bfloat16_runs_the_same_code_path(tiny_dir):
     base = models.load_base(str(tiny_dir), dtype="bfloat16")
     assert base.model.dtype == torch.bfloat16

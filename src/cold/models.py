@@ -138,9 +138,10 @@ def resolve_model_dir(source: str) -> Path:
 
 
 def _gguf_cache_key(gguf: Path) -> str:
-    stat = gguf.stat()
-    raw = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    """The file's content hash (about 0.3 s per 100 MB): one conversion per distinct GGUF, wherever it
+    lies, so reinstalling a package (a new path and mtime) reuses the conversion instead of adding one."""
+    with gguf.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _gguf_bos_eos_flags(gguf: Path) -> dict[str, bool]:
