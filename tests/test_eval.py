@@ -203,6 +203,10 @@ def test_decoder_specs():
     assert specs[6].generate_kwargs()["num_beams"] == 4 and specs[6].filename == "cold@0.1_0.5-beam4.jsonl"
     assert parse_decoder("expert@1") == DecoderSpec("expert") and parse_decoder("expert@2.0").label == "expert@2"
     assert not specs[0].needs_adapter and specs[1].needs_adapter
+    versus = parse_decoders("cold:amateur,cold-logprob@0.3/1:amateur:beam2")
+    assert [s.label for s in versus] == ["cold@0.1/0.5:amateur", "cold-logprob@0.3/1:amateur:beam2"]
+    assert versus[0].generate_kwargs()["vs_amateur"] and "vs_amateur" not in specs[3].generate_kwargs()
+    assert versus[1].filename == "cold-logprob@0.3_1-amateur-beam2.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -216,6 +220,8 @@ def test_decoder_specs():
         ("expert@inf", "SCALE must be a finite number"),
         ("base@2", "'base' takes no arguments"),
         ("expert:beam1", "N >= 2"),
+        ("expert:amateur", "':amateur' applies to cold and cold-logprob only"),
+        ("cold:beam2:amateur", "a cold spec may also end in :amateur"),
         ("cold,cold@0.1/0.5", "'cold@0.1/0.5' is given twice"),
         (" , ", "--decoders is empty"),
     ],
@@ -382,6 +388,31 @@ def test_eval_with_a_bfloat16_kv_cache_records_it_and_keeps_it_apart(tiny_dir, t
 
 
 @needs_data
+def test_an_amateur_adapter_replaces_the_base_model_on_marked_decoders(tiny, tiny_dir, tiny_lora, tmp_path):
+    """The amateur row runs the --amateur-adapter: with the expert's own adapter there, the amateur's
+    logits equal the expert's, so the score is the expert's and CoLD's outputs are the expert's (at a
+    beta where contrasting with the base model does change them)."""
+    out = tmp_path / "versus"
+    decoders = "expert,cold@0.1/4,cold@0.1/4:amateur"
+    args = ["--task", "coin_flip", "--model", tiny_dir, "--adapter", tiny_lora, "--prompt", "zero-shot", "-n", 6,
+            "--limit", 4, "--decoders", decoders, "--out", out]
+    result = _eval(*args, "--amateur-adapter", tiny_lora)
+    assert result.exit_code == 0, result.output
+    outputs = {label: [json.loads(line)["output"] for line in (out / "records" / parse_decoder(label).filename).read_text().splitlines()]
+               for label in decoders.split(",")}
+    assert outputs["cold@0.1/4:amateur"] == outputs["expert"]
+    assert outputs["cold@0.1/4"] != outputs["expert"]  # so the line above could fail
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amateur_adapter"] == summary["adapter"] and summary["amateur_scale"] == 1.0
+    assert f"--amateur-adapter {tiny_lora}" in summary["command"]
+
+    other = tmp_path / "other-lora"
+    make_lora(tiny.model, other, r=4, alpha=8, seed=6)
+    again = _eval(*args, "--amateur-adapter", other)  # another amateur must not mix with these records
+    assert again.exit_code == 2 and "holds a run with other settings (amateur_adapter_sha1" in again.output
+
+
+@needs_data
 def test_eval_on_the_real_model_with_its_demo_adapter(tmp_path):
     out = tmp_path / "real"
     result = _eval("--task", "gsm8k", "--limit", 2, "-n", 24, "--decoders", "expert,cold", "--out", out)
@@ -405,6 +436,9 @@ def test_eval_on_the_real_model_with_its_demo_adapter(tmp_path):
         (["--limit", "0"], "--limit must be >= 1"),
         (["--split", "valid"], "has no split 'valid'"),
         (["--kv-dtype", "int8"], "'int8' is not one of"),
+        (["--decoders", "expert,cold:amateur"], "decoders cold@0.1/0.5:amateur contrast with an amateur adapter; give it with --amateur-adapter"),
+        (["--amateur-adapter", "/nonexistent-adapter"], "--amateur-adapter is used only by cold decoders marked :amateur"),
+        (["--decoders", "cold:amateur", "--amateur-adapter", "/nonexistent-adapter"], "--amateur-adapter /nonexistent-adapter: directory not found"),
     ],
 )
 def test_errors_are_one_clear_line(args, message, tmp_path):

@@ -98,6 +98,24 @@ def test_tune_end_to_end_on_the_tiny_model(tiny_dir, tune_lora, tmp_path, monkey
     assert "| decoder | n | accuracy (flexible) |" in (out / "tune.md").read_text()
 
 
+def test_tune_against_an_amateur_adapter(tiny_dir, tune_lora, tmp_path):
+    """--amateur-adapter makes every CoLD cell contrast with that adapter (here the expert's own, so every
+    cell decodes as the expert), and the printed eval command carries it on."""
+    out = tmp_path / "tune-amateur"
+    args = ["tune", "--task", "coin_flip", "--model", tiny_dir, "--adapter", tune_lora, "--amateur-adapter", tune_lora,
+            "--prompt", "zero-shot", "-n", 4, "--limit", 2, "--alphas", "0.1", "--betas", "1,4", "--scales", "2",
+            "--bootstrap", 200, "--out", out]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "tune.json").read_text())
+    assert [r["decoder"] for r in data["settings"]] == ["expert", "expert@2", "cold@0.1/1:amateur", "cold@0.1/4:amateur"]
+    outputs = {label: [json.loads(line)["output"] for line in (out / "records" / parse_decoder(label).filename).read_text().splitlines()]
+               for label in ("expert", "cold@0.1/1:amateur", "cold@0.1/4:amateur")}
+    assert outputs["cold@0.1/1:amateur"] == outputs["cold@0.1/4:amateur"] == outputs["expert"]
+    next_command = " ".join(result.stdout.split("measure them on the test split:")[1].split())
+    assert f"--amateur-adapter {tune_lora}" in next_command and ":amateur" in next_command
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "multiarith"], "task 'multiarith' has no tuning split; give --split or --data"),
     (["--scoring", "both"], "--scoring must be logit, logprob or logit,logprob"),

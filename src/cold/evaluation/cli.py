@@ -30,6 +30,8 @@ Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 KvDtype = Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")]
 Model = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]
 Shots = Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")]
+AmateurAdapter = Annotated[Optional[Path], typer.Option(help="A second PEFT LoRA adapter (same base) to be the amateur of the cold decoders marked :amateur, instead of the bare base model: for example an earlier snapshot of the same training, so that the contrast amplifies what later training added rather than subtracting what the base model knows.")]
+AmateurScale = Annotated[float, typer.Option(help="LoRA scale of the --amateur-adapter on the amateur row (1 = as trained).")]
 
 
 class PromptChoice(str, Enum):
@@ -74,11 +76,14 @@ def eval_command(
     device: Device = "cpu",
     dtype: Dtype = "float32",
     kv_dtype: KvDtype = None,
+    amateur_adapter: AmateurAdapter = None,
+    amateur_scale: AmateurScale = 1.0,
 ) -> None:
     """Run a task under several decoders on the same problems; report accuracy side by side.
 
     Decoder specs: base | expert | expert@SCALE | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA,
-    each optionally followed by :beamN (beam search). See docs/eval.md.
+    each optionally followed by :beamN (beam search); cold@ALPHA/BETA:amateur contrasts with
+    --amateur-adapter instead of the base model. See docs/eval.md.
 
     Examples:
 
@@ -87,6 +92,8 @@ def eval_command(
       cold eval --task coin_flip --prompt few-shot --decoders base,expert,expert@1.5,cold@0.1/0.5,cold-logprob@0.1/0.5
 
       cold eval --task jsonl --data my.jsonl --question-field q --answer-field a --answer-type text
+
+      cold eval --task commonsenseqa --adapter runs/final --amateur-adapter runs/final/step-100 --decoders expert,cold@0.1/0.5,cold@0.1/0.5:amateur
     """
     run_command(_run, locals())
 
@@ -113,6 +120,8 @@ class Prepared:
     problems: list  # the chosen problems (tasks.Problem)
     style: object  # prompts.PromptStyle
     adapter: Optional[Path]
+    amateur: Optional[Path]  # the amateur adapter of `:amateur` decoders
+    amateur_scale: float
     settings: dict  # what a resumed run must share (run.json)
     sample: str  # "N of M problems ..." for reports
     out: Path
@@ -133,7 +142,7 @@ def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype) -> None:
 
 def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
             out_dir, question_field, answer_field, answer_type, choices_field, dtype, default_split=None,
-            out_prefix="", kv_dtype=None) -> Prepared:
+            out_prefix="", kv_dtype=None, amateur=None, amateur_scale=1.0) -> Prepared:
     """Read the task, pick the problems, build the prompt style, find the adapter, open the run directory."""
     from cold.evaluation import runner, tasks
     from cold.evaluation.prompts import make_style
@@ -159,6 +168,7 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
     chosen = tasks.select(problems, limit, seed)
 
     adapter_path = _adapter_path(model, adapter, specs, the_task.name)
+    _check_amateur(specs, amateur, amateur_scale)
     settings = {
         "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": runner.fingerprint(path),
         "answer_type": the_task.answer_type, "model": model,
@@ -167,23 +177,25 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
         "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
         "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
         **({"kv_dtype": kv_dtype} if kv_dtype else {}),  # absent by default: older run directories still resume
+        **({"amateur_adapter": str(amateur), "amateur_adapter_sha1": runner.fingerprint(amateur),
+            "amateur_scale": amateur_scale} if amateur else {}),
     }
     if the_task.name == tasks.GENERIC:
         settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
     name = f"{the_task.name}-{split_name}" if split_name else path.stem
     out = out_dir or Path("eval-runs") / f"{out_prefix}{name}-{prompt.value}"
-    runner.open_run_dir(out, settings, informational=("data", "adapter"))
+    runner.open_run_dir(out, settings, informational=("data", "adapter", "amateur_adapter"))
     sample = f"{len(chosen)} of {total} problems" + (f" (seeded sample, --seed {seed})" if len(chosen) < len(problems) else "")
     if own:
         sample += f"; rows 0-{len(own) - 1} are the few-shot exemplars"
-    return Prepared(the_task, split_name, path, chosen, style, adapter_path, settings, sample, out)
+    return Prepared(the_task, split_name, path, chosen, style, adapter_path, amateur, amateur_scale, settings, sample, out)
 
 
 def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None) -> dict[str, list[dict]]:
     """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
     from cold.evaluation import runner
 
-    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype)
+    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype, run.amateur, run.amateur_scale)
     err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
     with _progress() as progress:
         results, generated = runner.run_decoders(
@@ -198,7 +210,7 @@ def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, bat
 
 def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
          batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
-         device, dtype, kv_dtype) -> None:
+         device, dtype, kv_dtype, amateur_adapter, amateur_scale) -> None:
     from cold.evaluation import decoders as decoder_specs
     from cold.evaluation import report, tasks
     from cold.models import pick_dtype
@@ -208,13 +220,15 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
     if kv_dtype is not None and pick_dtype(kv_dtype) == pick_dtype(dtype):
         kv_dtype = None  # the default, spelled out
     run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-                  out_dir, question_field, answer_field, answer_type, choices_field, dtype, kv_dtype=kv_dtype)
+                  out_dir, question_field, answer_field, answer_type, choices_field, dtype, kv_dtype=kv_dtype,
+                  amateur=amateur_adapter, amateur_scale=amateur_scale)
     results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype)
 
     command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
                        limit, seed, batch_size, run.out, headline.value, question_field, answer_field, answer_type.value,
-                       choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype)
+                       choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype, amateur_adapter, amateur_scale)
     info = {**run.settings, "data": _shown(run.path), "adapter": _shown(run.adapter) if run.adapter else None,
+            **({"amateur_adapter": _shown(run.amateur)} if run.amateur else {}),
             "selection": run.sample, "device": device, "batch_size": batch_size, "command": command,
             "prompt": prompt.value + (f" ({shots} shots)" if prompt is PromptChoice.few_shot else "")}
     summary = report.summarize(results, headline.value, bootstrap, info=info)
@@ -250,14 +264,39 @@ def _adapter_path(model: str, adapter: Optional[Path], specs, task: str = "") ->
     return path
 
 
-class _LazyEngine:
-    """Loads the model on the first generation, so a fully resumed run never loads it."""
+def _check_amateur(specs, amateur: Optional[Path], scale: float) -> None:
+    """`:amateur` decoders and --amateur-adapter come together; the adapter exists; the scale is a number > 0."""
+    marked = [s.label for s in specs if s.vs_amateur]
+    if marked and amateur is None:
+        raise ColdError(f"decoders {', '.join(marked)} contrast with an amateur adapter; give it with --amateur-adapter DIR")
+    if amateur is None:
+        return
+    if not marked:
+        raise ColdError("--amateur-adapter is used only by cold decoders marked :amateur (e.g. cold@0.1/0.5:amateur); none is given")
+    if not amateur.is_dir():
+        raise ColdError(f"--amateur-adapter {amateur}: directory not found")
+    if not (scale > 0 and scale != float("inf")):
+        raise ColdError(f"--amateur-scale must be a finite number > 0, got {scale}")
 
-    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str, kv_dtype: Optional[str] = None):
+
+class _LazyEngine:
+    """Loads the model on the first generation, so a fully resumed run never loads it.
+
+    With an amateur adapter, the engine holds two adapters, named "expert" and "amateur"; a decoder
+    spec's `vs_amateur` becomes the amateur row's adapter and scale.
+    """
+
+    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str, kv_dtype: Optional[str] = None,
+                 amateur: Optional[Path] = None, amateur_scale: float = 1.0):
         self.args = model, adapter, device, dtype, kv_dtype
+        self.amateur, self.amateur_scale = amateur, amateur_scale
         self.engine = None
 
-    def generate(self, prompts, **kwargs):
+    def generate(self, prompts, vs_amateur: bool = False, **kwargs):
+        if self.amateur is not None and kwargs.get("decoder") != "base":
+            kwargs["adapter"] = "expert"
+        if vs_amateur:
+            kwargs.update(amateur_adapter="amateur", amateur_scale=self.amateur_scale)
         return self.load().generate(prompts, **kwargs)
 
     def load(self):
@@ -265,9 +304,12 @@ class _LazyEngine:
             from cold.engine import Engine
 
             model, adapter, device, dtype, kv_dtype = self.args
-            with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "") + " …"):
-                self.engine = Engine.load(model, {adapter.name: str(adapter)} if adapter else {}, device=device, dtype=dtype,
-                                          kv_dtype=kv_dtype)
+            adapters = {adapter.name: str(adapter)} if adapter else {}
+            if self.amateur is not None:
+                adapters = {"expert": str(adapter), "amateur": str(self.amateur)}
+            with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "")
+                            + (f" and amateur adapter {self.amateur.name}" if self.amateur else "") + " …"):
+                self.engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
                 self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
         return self.engine
 
@@ -294,7 +336,8 @@ class _progress:
 
 
 def _command(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-             batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic, kv_dtype=None) -> str:
+             batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic, kv_dtype=None,
+             amateur_adapter=None, amateur_scale=1.0) -> str:
     """The command line that reproduces this run (defaults left out)."""
     args = ["cold", "eval", "--task", task]
     optional = [
@@ -305,7 +348,8 @@ def _command(task, data, split, decoders, model, adapter, prompt, shots, instruc
         ("--seed", seed if limit is not None else None), ("--batch-size", None if batch_size == 16 else batch_size),
         ("--out", out), ("--headline", None if headline == "flexible" else headline),
         ("--device", None if device == "cpu" else device), ("--dtype", None if dtype == "float32" else dtype),
-        ("--kv-dtype", kv_dtype),
+        ("--kv-dtype", kv_dtype), ("--amateur-adapter", amateur_adapter),
+        ("--amateur-scale", amateur_scale if amateur_adapter and amateur_scale != 1 else None),
     ]
     if generic:
         optional += [("--question-field", question_field), ("--answer-field", answer_field),

@@ -1,12 +1,14 @@
 """Decoder specs: which decoders `cold eval` compares, written as short strings.
 
-    SPEC     := KIND [ "@" ARGS ] [ ":beam" N ]
+    SPEC     := KIND [ "@" ARGS ] [ ":amateur" ] [ ":beam" N ]
     base                     the base model alone (no adapter), greedy
     expert                   the adapted model alone, greedy
     expert@S                 the adapted model with the LoRA scaled by S (expert@1 = expert)
     cold                     CoLD, logit form, alpha 0.1, beta 0.5 (O'Brien & Lewis defaults)
     cold@A/B                 CoLD, logit form:  (1+B) s_e - B s_a  on tokens with p_e >= A max p_e
     cold-logprob@A/B         CoLD, log-probability form (Li et al.): log p_e - B/(1+B) log p_a
+    cold...:amateur          CoLD whose amateur is the run's --amateur-adapter (for example an earlier
+                             snapshot of the same training) instead of the bare base model
     ...:beamN                beam search with N beams instead of greedy (N >= 2), on any of the above
 
 Several specs are separated by commas: `base,expert,expert@1.5,cold@0.1/0.5,cold-logprob@0.1/0.5`.
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 from cold.errors import ColdError
 
 KINDS = ("base", "expert", "cold", "cold-logprob")
-SYNTAX = "base | expert | expert@SCALE | cold | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA, each optionally followed by :beamN"
+SYNTAX = ("base | expert | expert@SCALE | cold | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA, each optionally followed by "
+          ":beamN; a cold spec may also end in :amateur (before :beamN) to contrast with --amateur-adapter")
 DEFAULT_DECODERS = "base,expert,cold@0.1/0.5"
 
-_SPEC_RE = re.compile(r"^(?P<kind>[a-z-]+)(?:@(?P<args>[^:]*))?(?::beam(?P<beams>[^:]*))?$")
+_SPEC_RE = re.compile(r"^(?P<kind>[a-z-]+)(?:@(?P<args>[^:]*))?(?P<amateur>:amateur)?(?::beam(?P<beams>[^:]*))?$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class DecoderSpec:
     beta: float = 0.5
     expert_scale: float = 1.0
     num_beams: int = 1
+    vs_amateur: bool = False  # cold kinds: the amateur row is the run's amateur adapter, not the bare base
 
     @property
     def label(self) -> str:
@@ -45,7 +49,7 @@ class DecoderSpec:
         elif self.kind == "expert":
             text = "expert" if self.expert_scale == 1 else f"expert@{_num(self.expert_scale)}"
         else:
-            text = f"{self.kind}@{_num(self.alpha)}/{_num(self.beta)}"
+            text = f"{self.kind}@{_num(self.alpha)}/{_num(self.beta)}" + (":amateur" if self.vs_amateur else "")
         return text + (f":beam{self.num_beams}" if self.num_beams > 1 else "")
 
     @property
@@ -60,6 +64,8 @@ class DecoderSpec:
             kwargs["expert_scale"] = self.expert_scale
         if self.kind.startswith("cold"):
             kwargs.update(alpha=self.alpha, beta=self.beta, scoring="logprob" if self.kind == "cold-logprob" else "logit")
+        if self.vs_amateur:
+            kwargs["vs_amateur"] = True  # the eval engine turns this into its amateur adapter and scale
         return kwargs
 
     @property
@@ -75,6 +81,10 @@ def parse_decoder(spec: str) -> DecoderSpec:
         raise ColdError(f"bad decoder spec {spec!r}: expected {SYNTAX}")
     kind, args, beams = match.group("kind"), match.group("args"), match.group("beams")
     fields: dict = {}
+    if match.group("amateur"):
+        if not kind.startswith("cold"):
+            raise ColdError(f"bad decoder spec {spec!r}: ':amateur' applies to cold and cold-logprob only")
+        fields["vs_amateur"] = True
     if beams is not None:
         if not beams.isdigit() or int(beams) < 2:
             raise ColdError(f"bad decoder spec {spec!r}: ':beamN' needs a whole number N >= 2")

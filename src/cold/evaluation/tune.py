@@ -38,12 +38,13 @@ def parse_grid(text: str, name: str, low: float, high: float | None = None) -> l
 
 
 def grid_specs(alphas: Sequence[float], betas: Sequence[float], scales: Sequence[float],
-               scorings: Sequence[str]) -> list[DecoderSpec]:
-    """`expert` first (the reference), then the scaled experts, then every CoLD setting."""
+               scorings: Sequence[str], vs_amateur: bool = False) -> list[DecoderSpec]:
+    """`expert` first (the reference), then the scaled experts, then every CoLD setting (contrasted
+    with the run's amateur adapter when `vs_amateur`)."""
     specs = [DecoderSpec("expert")]
     specs += [DecoderSpec("expert", expert_scale=s) for s in scales if s != 1]
     for scoring in scorings:
-        specs += [DecoderSpec(SCORINGS[scoring], alpha=a, beta=b) for a in alphas for b in betas]
+        specs += [DecoderSpec(SCORINGS[scoring], alpha=a, beta=b, vs_amateur=vs_amateur) for a in alphas for b in betas]
     return specs
 
 

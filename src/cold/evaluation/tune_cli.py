@@ -12,7 +12,8 @@ from rich.table import Table
 
 from cold.errors import ColdError
 from cold.evaluation.cli import (
-    AnswerType, BatchSize, Bootstrap, Device, Dtype, MaxNewTokens, Model, PromptChoice, Rule, Seed, Shots, _shown,
+    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, Device, Dtype, MaxNewTokens, Model, PromptChoice, Rule,
+    Seed, Shots, _shown,
     check_common, err, generate_all, prepare, run_command, stdout,
 )
 
@@ -42,10 +43,14 @@ def tune_command(
     bootstrap: Bootstrap = 10_000,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    amateur_adapter: AmateurAdapter = None,
+    amateur_scale: AmateurScale = 1.0,
 ) -> None:
     """Sweep CoLD's alpha x beta and the LoRA scale on a tuning split; report the whole grid and the best.
 
     Every setting runs on the same problems as `expert` (the adapter's greedy decoding) and is compared with it by a paired bootstrap. Writes tune.md, tune.json and heatmap.png, and prints the `cold eval` command that measures the chosen settings on the test split.
+
+    With --amateur-adapter, every CoLD setting contrasts with that adapter instead of the base model.
 
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
@@ -53,7 +58,7 @@ def tune_command(
 
 
 def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, prompt, shots, instruction, max_new_tokens,
-          limit, seed, batch_size, out_dir, headline, bootstrap, device, dtype) -> None:
+          limit, seed, batch_size, out_dir, headline, bootstrap, device, dtype, amateur_adapter, amateur_scale) -> None:
     from cold.evaluation import tune
 
     check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
@@ -61,12 +66,13 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
     if not scorings or any(s not in tune.SCORINGS for s in scorings) or len(set(scorings)) != len(scorings):
         raise ColdError(f"--scoring must be logit, logprob or logit,logprob, got {scoring!r}")
     specs = tune.grid_specs(tune.parse_grid(alphas, "alphas", 0.0, 1.0), tune.parse_grid(betas, "betas", 0.0),
-                            tune.parse_grid(scales, "scales", 1e-9), scorings)
+                            tune.parse_grid(scales, "scales", 1e-9), scorings, vs_amateur=amateur_adapter is not None)
     if split is None and data is None and task not in TUNING_SPLITS:
         raise ColdError(f"task {task!r} has no tuning split; give --split or --data (a file disjoint from the test problems)")
     default = TUNING_SPLITS.get(task)
     run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-                  out_dir, "question", "answer", AnswerType.number, None, dtype, default_split=default, out_prefix="tune-")
+                  out_dir, "question", "answer", AnswerType.number, None, dtype, default_split=default, out_prefix="tune-",
+                  amateur=amateur_adapter, amateur_scale=amateur_scale)
     if run.split == run.task.default_split and run.task.default_split in ("test", "dev"):
         err.print(f"[yellow]warning:[/] tuning on the {run.split} split: numbers reported on it afterwards are not held out")
     results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size)
@@ -81,17 +87,21 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
         next_eval += ["--dtype", dtype]
     if adapter:
         next_eval += ["--adapter", str(adapter)]
+    if amateur_adapter:
+        next_eval += ["--amateur-adapter", str(amateur_adapter)] + (["--amateur-scale", str(amateur_scale)] if amateur_scale != 1 else [])
     if prompt is not PromptChoice.chat:
         next_eval += ["--prompt", prompt.value]
     if max_new_tokens != 256:
         next_eval += ["--max-new-tokens", str(max_new_tokens)]
     given = dict(task=task, split=split, data=data, alphas=alphas, betas=betas, scales=scales, scoring=scoring, model=model,
-                 adapter=adapter, prompt=prompt.value, max_new_tokens=max_new_tokens, limit=limit, seed=seed, out=run.out)
+                 adapter=adapter, amateur_adapter=amateur_adapter, amateur_scale=amateur_scale, prompt=prompt.value,
+                 max_new_tokens=max_new_tokens, limit=limit, seed=seed, out=run.out)
     facts = [
         ("command", "`" + shlex.join(["cold", "tune", *_given(given)]) + "`"),
         ("problems", run.sample),
         ("model", model),
         ("adapter", _shown(run.adapter) if run.adapter else "none"),
+        *([("amateur", f"{_shown(run.amateur)} at scale {amateur_scale:g}")] if run.amateur else []),
         ("headline rule", headline.value),
         ("next (test split)", "`" + shlex.join(next_eval) + "`"),
     ]
@@ -109,7 +119,7 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
 
 
 DEFAULTS = dict(task="gsm8k", alphas="0.05,0.1,0.3", betas="0.25,0.5,1,2", scales="1.5,2", scoring="logit",
-                model="smollm2", prompt="chat", max_new_tokens=256, limit=100, seed=0)
+                model="smollm2", prompt="chat", max_new_tokens=256, limit=100, seed=0, amateur_scale=1.0)
 
 
 def _given(options: dict) -> list[str]:
