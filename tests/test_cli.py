@@ -45,6 +45,22 @@ def test_json_output_matches_the_python_api(tiny, tiny_dir, tiny_lora):
     assert all(r["finish_reason"] in ("stop", "length") for r in got)
 
 
+def test_an_adapter_as_the_amateur(tiny_dir, tiny_lora):
+    """--amateur NAME runs that adapter on the amateur row: the expert's own adapter there makes the
+    score the expert's logits, so CoLD decodes as the expert (and, against the base, it does not)."""
+    common = ["--model", tiny_dir, "--adapter", f"final={tiny_lora}", "--adapter", f"early={tiny_lora}", "--use", "final",
+              "--json", "-n", 8, "--beta", 4, "hello there", "one two three"]
+    expert = [r["token_ids"] for r in records(run(*common, "--decoder", "expert"))]
+    versus = run(*common, "--amateur", "early")
+    assert versus.exit_code == 0, versus.output
+    assert [r["token_ids"] for r in records(versus)] == expert
+    assert [r["token_ids"] for r in records(run(*common))] != expert
+    unknown = run(*common, "--amateur", "middle")
+    assert unknown.exit_code == 2 and "unknown adapter 'middle'; loaded: final, early" in unknown.output
+    not_cold = run(*common, "--decoder", "expert", "--amateur", "early")
+    assert not_cold.exit_code == 2 and "--amateur and --amateur-scale apply to --decoder cold only" in not_cold.output
+
+
 def test_prompts_from_jsonl_and_stdin(tiny_dir, tiny_lora, tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text(json.dumps({"question": "first"}) + "\n" + json.dumps({"question": "second"}) + "\n")

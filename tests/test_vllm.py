@@ -245,6 +245,8 @@ def test_cli_engine_vllm_refuses_beam_search():
 
     result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--num-beams", "2", "hi"])
     assert result.exit_code == 2 and "--num-beams" in result.output
+    result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--amateur-scale", "0.5", "hi"])
+    assert result.exit_code == 2 and "does not support --amateur/--amateur-scale" in result.output
 
 
 # ---- cold serve --engine vllm (the app, on the module's LLM) ------------------------------------------

