@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from cold.evaluation.decoders import parse_decoder
 from cold.evaluation.prompts import make_style
 from cold.evaluation.stats import paired_difference
 from cold.evaluation.tasks import read_commonsenseqa
 
 
 def read_records(run: Path, decoder: str) -> dict[str, dict]:
-    name = decoder.replace("/", "_") + ".jsonl"
+    name = parse_decoder(decoder).filename
     rows = [json.loads(line) for line in (run / "records" / name).read_text().splitlines()]
     return {r["id"]: r for r in rows}
 

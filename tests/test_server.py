@@ -204,10 +204,15 @@ def test_model_id_selects_the_adapter(engine, client):
     {"alpha": 0.5, "beta": 2.0},
     {"beta": 1.0, "scoring": "logprob"},
     {"decoder": "cold", "alpha": 0.05, "beta": 0.25, "expert_scale": 0.5},
+    {"amateur": "lora-a", "beta": 1.0},
+    {"amateur_scale": 0.5, "beta": 2.0},
 ])
 def test_cold_fields_in_extra_body(engine, client, extra):
     got = client.completions.create(model="lora-b", prompt=PROMPT, max_tokens=8, extra_body=extra)
-    assert got.choices[0].text == offline(engine, PROMPT, adapter="lora-b", max_new_tokens=8, **extra).text
+    params = dict(extra)
+    if "amateur" in params or "amateur_scale" in params:
+        params = {"beta": params["beta"], "amateur_adapter": params.get("amateur"), "amateur_scale": params.get("amateur_scale", 1.0)}
+    assert got.choices[0].text == offline(engine, PROMPT, adapter="lora-b", max_new_tokens=8, **params).text
 
 
 def test_beta_zero_is_expert_and_cold_differs(client):
@@ -259,6 +264,9 @@ def error_of(call) -> openai.APIStatusError:
     ({"extra_body": {"beta": -1}}, "beta"),
     ({"extra_body": {"beta": 1e6}}, "beta"),
     ({"extra_body": {"expert_scale": 1e9}}, "expert_scale"),
+    ({"extra_body": {"amateur": "lora-z"}}, "amateur 'lora-z' is not an adapter on this server; adapters: lora-a, lora-b"),
+    ({"extra_body": {"amateur": "lora-b", "decoder": "expert"}}, "amateur applies to the cold decoder only"),
+    ({"extra_body": {"amateur_scale": 1e9}}, "amateur_scale must be in"),
     ({"temperature": 500.0}, "temperature"),
     ({"seed": -1}, "seed"),
     ({"extra_body": {"prompt": [[10**9]]}}, "outside the vocabulary"),

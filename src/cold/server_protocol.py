@@ -63,6 +63,8 @@ class _Generation(_Strict):
     scoring: Literal["logit", "logprob"] | None = None
     top_k: int | None = None
     expert_scale: float | None = None
+    amateur: str | None = None  # a served adapter's model id: the amateur row runs that adapter
+    amateur_scale: float | None = None
 
 
 class CompletionRequest(_Generation):
@@ -192,6 +194,7 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
     _check_range(body.top_p, "top_p", lambda p: 0 < p <= 1, "in (0, 1]")
     _check_range(body.beta, "beta", lambda b: 0 <= b <= MAX_BETA, f"in [0, {MAX_BETA}]")
     _check_range(body.expert_scale, "expert_scale", lambda s: abs(s) <= MAX_SCALE, f"in [-{MAX_SCALE}, {MAX_SCALE}]")
+    _check_range(body.amateur_scale, "amateur_scale", lambda s: abs(s) <= MAX_SCALE, f"in [-{MAX_SCALE}, {MAX_SCALE}]")
     if body.top_k is not None and not 0 <= body.top_k < 2**31:
         raise ApiError(400, f"top_k must be >= 0 (0 = off), got {body.top_k}", param="top_k", code="invalid_value")
     if body.seed is not None and not 0 <= body.seed < 2**63:
@@ -220,6 +223,12 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
     for field in ("alpha", "beta", "scoring", "expert_scale"):
         if getattr(body, field) is not None:
             changes[field] = getattr(body, field)
+    if body.amateur is not None or body.amateur_scale is not None:
+        if changes["decoder"] != "cold":
+            field = "amateur" if body.amateur is not None else "amateur_scale"
+            raise ApiError(400, f"{field} applies to the cold decoder only", param=field, code="invalid_value")
+        changes.update(amateur_adapter=body.amateur,
+                       amateur_scale=body.amateur_scale if body.amateur_scale is not None else (1.0 if body.amateur else 0.0))
     return DecodeParams(**changes)
 
 

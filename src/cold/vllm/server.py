@@ -8,7 +8,7 @@ step by construction; the price is that a new request does not join a running ba
 default engine's `cold serve` does; see docs/vllm.md for what continuous batching would need).
 
 Request bodies are parsed by `cold.server_protocol` (the same fields and errors as `cold serve`).
-Not offered here: streaming, n > 1, expert_scale; they are refused with a 400 that names them.
+Not offered here: streaming, n > 1, expert_scale, amateur / amateur_scale; they are refused with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ def create_app(llm, lora, model_name: str, max_batch: int = 64, default_max_toke
             raise ApiError(400, "stream is not supported by `cold serve --engine vllm`", param="stream", code="unsupported_parameter")
         if body.expert_scale not in (None, 1, 1.0):
             raise ApiError(400, "expert_scale is not supported by the vLLM engine", param="expert_scale", code="unsupported_parameter")
+        for field in ("amateur", "amateur_scale"):
+            if getattr(body, field) is not None:
+                raise ApiError(400, f"{field} is not supported by the vLLM engine", param=field, code="unsupported_parameter")
         params = decode_params(body, resolve_model(body.model))
         try:
             params.validate()
