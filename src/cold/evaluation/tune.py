@@ -154,7 +154,8 @@ def heatmap(summary: dict, path: Path, title: str) -> None:
         ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_xlabel("beta")
         ax.set_ylabel("alpha")
-        ax.set_title(f"{kind}: accuracy % (vs expert, points)", fontsize="medium")
+        versus = " against the amateur adapter" if cells[0]["decoder"].endswith(":amateur") else ""
+        ax.set_title(f"{kind}{versus}: accuracy % (vs expert, points)", fontsize="medium")
         fig.colorbar(image, ax=ax, shrink=0.8)
     ax = axes[0][-1]
     scales = [r["scale"] for r in experts]
