@@ -439,6 +439,7 @@ def test_eval_on_the_real_model_with_its_demo_adapter(tmp_path):
         (["--decoders", "expert,cold:amateur"], "decoders cold@0.1/0.5:amateur contrast with an amateur adapter; give it with --amateur-adapter"),
         (["--amateur-adapter", "/nonexistent-adapter"], "--amateur-adapter is used only by cold decoders marked :amateur"),
         (["--decoders", "cold:amateur", "--amateur-adapter", "/nonexistent-adapter"], "--amateur-adapter /nonexistent-adapter: directory not found"),
+        (["--amateur-scale", "0.5"], "--amateur-scale applies to the --amateur-adapter; give that too"),
     ],
 )
 def test_errors_are_one_clear_line(args, message, tmp_path):

@@ -270,6 +270,8 @@ def _check_amateur(specs, amateur: Optional[Path], scale: float) -> None:
     if marked and amateur is None:
         raise ColdError(f"decoders {', '.join(marked)} contrast with an amateur adapter; give it with --amateur-adapter DIR")
     if amateur is None:
+        if scale != 1.0:
+            raise ColdError("--amateur-scale applies to the --amateur-adapter; give that too")
         return
     if not marked:
         raise ColdError("--amateur-adapter is used only by cold decoders marked :amateur (e.g. cold@0.1/0.5:amateur); none is given")
