@@ -143,13 +143,13 @@ def generate(
       cold generate --adapter final=runs/mine --adapter early=runs/mine/step-100 --use final --amateur early "Q: ..."
     """
     try:
-        from cold.params import DecodeParams
+        from cold.params import DecodeParams, amateur_fields
 
         if (amateur is not None or amateur_scale is not None) and decoder is not Decoder.cold:
             raise ColdError("--amateur and --amateur-scale apply to --decoder cold only")
         params = DecodeParams(
             decoder=decoder.value, adapter=use, expert_scale=expert_scale, alpha=alpha, beta=beta,
-            amateur_adapter=amateur, amateur_scale=amateur_scale if amateur_scale is not None else (1.0 if amateur else 0.0),
+            **amateur_fields(amateur, amateur_scale),
             scoring=scoring.value, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, num_beams=num_beams, max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
         ).validate()

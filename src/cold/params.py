@@ -97,6 +97,13 @@ class DecodeParams:
         return self.decoder == "cold"
 
 
+def amateur_fields(adapter: str | None, scale: float | None) -> dict:
+    """The amateur row's DecodeParams fields from a user's amateur adapter and scale (either may be
+    missing): a named adapter runs at scale 1 unless told; a scale alone applies to the expert's own
+    adapter; neither leaves the bare base model (scale 0)."""
+    return {"amateur_adapter": adapter, "amateur_scale": scale if scale is not None else (1.0 if adapter else 0.0)}
+
+
 def _stop_tuple(stop) -> tuple[str, ...]:
     if stop is None:
         return ()

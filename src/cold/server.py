@@ -148,7 +148,8 @@ class _Server:
         body = parse(CompletionRequest, await self._read_body(request))
         adapter = self._resolve_model(body.model)
         refuse_unsupported(body, self.config.max_n)
-        params = decode_params(body, self._check_amateur(body, adapter))
+        self._check_amateur(body)
+        params = decode_params(body, adapter)
         prompts = self._completion_prompts(body.prompt)
         return await self._generate(request, "completion", body, prompts, params, body.max_tokens, bool(body.echo))
 
@@ -158,7 +159,8 @@ class _Server:
         body = parse(ChatRequest, await self._read_body(request))
         adapter = self._resolve_model(body.model)
         refuse_unsupported(body, self.config.max_n)
-        params = decode_params(body, self._check_amateur(body, adapter))
+        self._check_amateur(body)
+        params = decode_params(body, adapter)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens",
@@ -222,13 +224,12 @@ class _Server:
         raise ApiError(404, f"the model {model!r} does not exist on this server; served models: {served}",
                        param="model", code="model_not_found")
 
-    def _check_amateur(self, body, adapter: str | None) -> str | None:
-        """400 when the request's `amateur` is not a served adapter's id; returns `adapter`."""
+    def _check_amateur(self, body) -> None:
+        """400 when the request's `amateur` is not a served adapter's id."""
         if body.amateur is not None and body.amateur not in self.engine.adapter_names:
             served = ", ".join(self.engine.adapter_names) or "none"
             raise ApiError(400, f"amateur {body.amateur!r} is not an adapter on this server; adapters: {served}",
                            param="amateur", code="invalid_value")
-        return adapter
 
     def _completion_prompts(self, prompt) -> list[_Prompt]:
         if isinstance(prompt, str):

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cold.params import DecodeParams
+from cold.params import DecodeParams, amateur_fields
 
 
 class ApiError(Exception):
@@ -227,8 +227,7 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
         if changes["decoder"] != "cold":
             field = "amateur" if body.amateur is not None else "amateur_scale"
             raise ApiError(400, f"{field} applies to the cold decoder only", param=field, code="invalid_value")
-        changes.update(amateur_adapter=body.amateur,
-                       amateur_scale=body.amateur_scale if body.amateur_scale is not None else (1.0 if body.amateur else 0.0))
+        changes.update(amateur_fields(body.amateur, body.amateur_scale))
     return DecodeParams(**changes)
 
 
