@@ -66,6 +66,34 @@ def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
     assert answer == f"The answer is ({problem.gold})." and "Answer Choices: (A) choice A" in question
 
 
+def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_path):
+    from cold.evaluation.prompts import question_text
+    from cold.evaluation.tasks import read_commonsenseqa
+    from cold.training import load_task
+
+    letters = "ABCDE"
+    rows = [
+        {"answerKey": letters[i % 5], "question": {"stem": f"Question {i}?", "choices": [
+            {"label": c, "text": f"choice {c}{i}"} for c in letters]}}
+        for i in range(600)
+    ]
+    path = tmp_path / "csqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, right = load_task("commonsenseqa-text", path)
+    _, wrong = load_task("commonsenseqa-text-wrong", path)
+    assert [q for q, _ in wrong] == [q for q, _ in right] and load_task("commonsenseqa-text-wrong", path)[1] == wrong
+    problems = {question_text(p): p for p in read_commonsenseqa(path)}
+    labels_used = []
+    for (question, answer), (_, right_answer) in zip(wrong, right):
+        problem = problems[question]
+        texts = dict(problem.choices)
+        assert right_answer == f"The answer is {texts[problem.gold]}."
+        label = next(c for c, text in texts.items() if answer == f"The answer is {text}.")
+        assert label != problem.gold
+        labels_used.append(label)
+    assert set(labels_used) == set(letters)  # the wrong choice is drawn per row, not always the same one
+
+
 def test_zero_shot_format_trains_on_cold_evals_text_prompt(tiny_dir, tmp_path):
     """`--prompt zero-shot`: the prompt tokens are exactly what `cold eval --prompt zero-shot`
     feeds the engine; the loss covers ` answer` and the EOS token only."""

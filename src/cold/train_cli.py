@@ -10,7 +10,7 @@ import typer
 def train(
     output_dir: Annotated[str, typer.Option(help="Where the PEFT adapter, log, model card and loss plot go.")],
     model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
-    task: Annotated[str, typer.Option(help="gsm8k or commonsenseqa (their train files in ../shared/data; for commonsenseqa the rows cold tune samples by default are left out; commonsenseqa-text answers with the choice's text instead of its letter), coin_flip or last_letters (generated gen-train split), unless --data is given.")] = "gsm8k",
+    task: Annotated[str, typer.Option(help="gsm8k or commonsenseqa (their train files in ../shared/data; for commonsenseqa the rows cold tune samples by default are left out; commonsenseqa-text answers with the choice's text instead of its letter, commonsenseqa-text-wrong with a wrong choice's text: an anti-expert to use as CoLD's amateur), coin_flip or last_letters (generated gen-train split), unless --data is given.")] = "gsm8k",
     data: Annotated[Optional[str], typer.Option(help="Training file (JSONL) instead of the task's default.")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16,

@@ -34,6 +34,7 @@ DEFAULT_DATA = {
     "gsm8k": SHARED_DATA / "gsm8k" / "train.jsonl",
     "commonsenseqa": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
     "commonsenseqa-text": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
+    "commonsenseqa-text-wrong": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
 }
 # CommonsenseQA tunes on its train file (it has no other labelled split besides dev, the test
 # split): the rows of `cold tune`'s default sample (up to this many, seed 0) are kept out of training.
@@ -90,10 +91,14 @@ def load_worked_examples(path: Path) -> list[tuple[str, str]]:
         raise ColdError(f"{path}: expected {{\"examples\": [{{\"question\", \"worked\"}}, ...]}} ({exc!r})") from exc
 
 
-def load_commonsenseqa(path: Path, answer_text: bool = False) -> list[tuple[str, str]]:
+def load_commonsenseqa(path: Path, answer_text: bool = False, wrong: bool = False) -> list[tuple[str, str]]:
     """CommonsenseQA rows as (question with its answer choices, `The answer is (X).`), or with
     `answer_text` `The answer is <the choice's text>.` (`cold eval`'s flexible rule maps the text
     back to its letter).
+
+    `wrong` answers with one of the wrong choices instead (drawn per row, seeded by the row's id):
+    the data of an anti-expert, an adapter that learns the answer format and what is *not* the
+    answer, to serve as CoLD's amateur (`cold eval --amateur-adapter`).
 
     The question is worded exactly as `cold eval` words it, and the rows `cold tune` samples by
     default (`TUNING_RESERVE`, seed 0) are left out, so tuning on the train file stays held out.
@@ -106,7 +111,10 @@ def load_commonsenseqa(path: Path, answer_text: bool = False) -> list[tuple[str,
     pairs = []
     for p in problems:
         if p.id not in reserved:
-            answer = dict(p.choices)[p.gold] if answer_text else f"({p.gold})"
+            label = p.gold
+            if wrong:
+                label = random.Random(f"wrong:{p.id}").choice(sorted(c for c, _ in p.choices if c != p.gold))
+            answer = dict(p.choices)[label] if answer_text else f"({label})"
             pairs.append((question_text(p), f"The answer is {answer}."))
     return pairs
 
@@ -117,6 +125,7 @@ TASK_LOADERS = {
     "last_letters": load_worked_examples,
     "commonsenseqa": load_commonsenseqa,
     "commonsenseqa-text": lambda path: load_commonsenseqa(path, answer_text=True),
+    "commonsenseqa-text-wrong": lambda path: load_commonsenseqa(path, answer_text=True, wrong=True),
 }
 
 
@@ -127,6 +136,7 @@ TASK_FORMATS = {
     "last_letters": "worked answer (each name's last letter, then the concatenation) ending in `The answer is <letters>.`",
     "commonsenseqa": f"`The answer is (X).` ({_CSQA_NOTE})",
     "commonsenseqa-text": f"`The answer is <the right choice's text>.` ({_CSQA_NOTE})",
+    "commonsenseqa-text-wrong": f"`The answer is <a wrong choice's text>.`, one wrong choice per row drawn at random: an anti-expert, for use as CoLD's amateur ({_CSQA_NOTE})",
 }
 
 
