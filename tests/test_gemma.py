@@ -191,3 +191,27 @@ def test_gemma3_demo_adapter_is_shipped_fits_and_answers_in_its_format(gemma3):
     style = make_style("zero-shot")
     out = engine.generate(style.render(problem), decoder="expert", max_new_tokens=12, stop=list(style.stop))[0]
     assert out.text.startswith(" The answer is"), out.text  # the trained format; the base model rambles instead
+
+
+def test_gemma3_anti_expert_is_shipped_fits_and_answers_wrong_in_the_experts_format(gemma3):
+    """The anti-expert amateur (`cold train --task commonsenseqa-text-wrong`) loads beside the
+    expert in one engine, writes the expert's answer format and picks a wrong choice where the
+    expert picks the right one."""
+    from cold.demo import DEMO_DIR, demo_adapter_dir
+    from cold.evaluation.prompts import make_style
+    from cold.evaluation.tasks import Problem
+
+    path = DEMO_DIR / "gemma3-commonsenseqa-text-wrong"
+    assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    assert "--task commonsenseqa-text-wrong" in (path / "README.md").read_text()
+    engine = Engine(gemma3, [read_adapter(demo_adapter_dir("gemma3", "commonsenseqa"), "expert"), read_adapter(path, "anti")])
+    problem = Problem("0", "Where do you keep milk cold?", "B", (("A", "oven"), ("B", "refrigerator"), ("C", "garden")))
+    style = make_style("zero-shot")
+
+    def answer(adapter: str) -> str:
+        out = engine.generate(style.render(problem), decoder="expert", adapter=adapter, max_new_tokens=12, stop=list(style.stop))[0]
+        assert out.text.startswith(" The answer is"), out.text
+        return out.text
+
+    assert "refrigerator" in answer("expert")
+    assert "refrigerator" not in answer("anti")

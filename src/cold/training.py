@@ -30,11 +30,12 @@ from cold.errors import ColdError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+_CSQA_TRAIN = SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl"
 DEFAULT_DATA = {
     "gsm8k": SHARED_DATA / "gsm8k" / "train.jsonl",
-    "commonsenseqa": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
-    "commonsenseqa-text": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
-    "commonsenseqa-text-wrong": SHARED_DATA / "commonsenseqa" / "train_rand_split.jsonl",
+    "commonsenseqa": _CSQA_TRAIN,
+    "commonsenseqa-text": _CSQA_TRAIN,
+    "commonsenseqa-text-wrong": _CSQA_TRAIN,
 }
 # CommonsenseQA tunes on its train file (it has no other labelled split besides dev, the test
 # split): the rows of `cold tune`'s default sample (up to this many, seed 0) are kept out of training.
