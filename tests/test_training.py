@@ -44,19 +44,27 @@ def test_every_demo_adapter_is_shipped_fits_its_model_and_has_a_model_card(smoll
         assert "## Reproduce" in card and f"--task {task}" in card
 
 
+CSQA_LETTERS = "ABCDE"
+
+
+def write_commonsenseqa(tmp_path, n: int):
+    """A CommonsenseQA-format file of `n` rows with five choices each (gold cycling A..E)."""
+    rows = [
+        {"answerKey": CSQA_LETTERS[i % 5], "question": {"stem": f"Question {i}?", "choices": [
+            {"label": c, "text": f"choice {c}{i}"} for c in CSQA_LETTERS]}}
+        for i in range(n)
+    ]
+    path = tmp_path / "csqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
     from cold.evaluation.prompts import question_text
     from cold.evaluation.tasks import read_commonsenseqa, select
     from cold.training import load_task
 
-    letters = "ABCDE"
-    rows = [
-        {"answerKey": letters[i % 5], "question": {"stem": f"Question {i}?", "choices": [
-            {"label": c, "text": f"choice {c}{i}"} for c in letters]}}
-        for i in range(700)
-    ]
-    path = tmp_path / "csqa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_commonsenseqa(tmp_path, 700)
     _, pairs = load_task("commonsenseqa", path)
     problems = read_commonsenseqa(path)
     tuning = {question_text(p) for p in select(problems, 100, seed=0)}  # what `cold tune --limit 100` samples
@@ -71,14 +79,7 @@ def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_p
     from cold.evaluation.tasks import read_commonsenseqa
     from cold.training import load_task
 
-    letters = "ABCDE"
-    rows = [
-        {"answerKey": letters[i % 5], "question": {"stem": f"Question {i}?", "choices": [
-            {"label": c, "text": f"choice {c}{i}"} for c in letters]}}
-        for i in range(600)
-    ]
-    path = tmp_path / "csqa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_commonsenseqa(tmp_path, 600)
     _, right = load_task("commonsenseqa-text", path)
     _, wrong = load_task("commonsenseqa-text-wrong", path)
     assert [q for q, _ in wrong] == [q for q, _ in right] and load_task("commonsenseqa-text-wrong", path)[1] == wrong
@@ -91,7 +92,7 @@ def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_p
         label = next(c for c, text in texts.items() if answer == f"The answer is {text}.")
         assert label != problem.gold
         labels_used.append(label)
-    assert set(labels_used) == set(letters)  # the wrong choice is drawn per row, not always the same one
+    assert set(labels_used) == set(CSQA_LETTERS)  # the wrong choice is drawn per row, not always the same one
 
 
 def test_zero_shot_format_trains_on_cold_evals_text_prompt(tiny_dir, tmp_path):
