@@ -193,18 +193,30 @@ def test_gemma3_demo_adapter_is_shipped_fits_and_answers_in_its_format(gemma3):
     assert out.text.startswith(" The answer is"), out.text  # the trained format; the base model rambles instead
 
 
-def test_gemma3_anti_expert_is_shipped_fits_and_answers_wrong_in_the_experts_format(gemma3):
-    """The anti-expert amateur (`cold train --task commonsenseqa-text-wrong`) loads beside the
-    expert in one engine, writes the expert's answer format and picks a wrong choice where the
-    expert picks the right one."""
+@pytest.mark.parametrize("name, made_by, answers_wrong", [
+    # a random wrong choice per train row: it answers wrong even on an easy question
+    ("gemma3-commonsenseqa-text-wrong", "--task commonsenseqa-text-wrong", True),
+    # the expert's most tempting wrong choice: it keeps the expert's sense of what is plausible
+    ("gemma3-commonsenseqa-text-hardneg", "scripts/hard_negatives.py", False),
+])
+def test_gemma3_anti_experts_are_shipped_fit_and_push_the_contrast_to_the_right_choice(gemma3, name, made_by, answers_wrong):
+    """The anti-expert amateurs load beside the expert in one engine and write the expert's answer
+    format; at the token that decides the choice, the contrast expert - anti-expert (PEFT as the
+    oracle) ranks the right choice first."""
+    import copy
+
+    from peft import PeftModel
+
     from cold.demo import DEMO_DIR, demo_adapter_dir
     from cold.evaluation.prompts import make_style
     from cold.evaluation.tasks import Problem
+    from cold.lora import uninstall_adapters
 
-    path = DEMO_DIR / "gemma3-commonsenseqa-text-wrong"
+    path = DEMO_DIR / name
+    expert_dir = demo_adapter_dir("gemma3", "commonsenseqa")
     assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
-    assert "--task commonsenseqa-text-wrong" in (path / "README.md").read_text()
-    engine = Engine(gemma3, [read_adapter(demo_adapter_dir("gemma3", "commonsenseqa"), "expert"), read_adapter(path, "anti")])
+    assert made_by in (path / "README.md").read_text()
+    engine = Engine(gemma3, [read_adapter(expert_dir, "expert"), read_adapter(path, "anti")])
     problem = Problem("0", "Where do you keep milk cold?", "B", (("A", "oven"), ("B", "refrigerator"), ("C", "garden")))
     style = make_style("zero-shot")
 
@@ -214,4 +226,20 @@ def test_gemma3_anti_expert_is_shipped_fits_and_answers_wrong_in_the_experts_for
         return out.text
 
     assert "refrigerator" in answer("expert")
-    assert "refrigerator" not in answer("anti")
+    assert ("refrigerator" not in answer("anti")) == answers_wrong
+
+    plain = copy.deepcopy(gemma3.model)
+    uninstall_adapters(plain)
+    peft_model = PeftModel.from_pretrained(plain, str(expert_dir), adapter_name="expert")
+    peft_model.load_adapter(str(path), adapter_name="anti")
+    tok = gemma3.tokenizer
+    ids = torch.tensor([engine.encode(style.render(problem))[1] + tok(" The answer is", add_special_tokens=False).input_ids])
+    firsts = {label: tok(" " + text, add_special_tokens=False).input_ids[0] for label, text in problem.choices}
+
+    def logprobs(adapter: str) -> torch.Tensor:
+        peft_model.set_adapter(adapter)
+        with torch.inference_mode():
+            return torch.log_softmax(peft_model(input_ids=ids).logits[0, -1].float(), dim=-1)
+
+    contrast = logprobs("expert") - logprobs("anti")  # [V]
+    assert max(firsts, key=lambda label: contrast[firsts[label]].item()) == "B"
