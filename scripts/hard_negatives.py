@@ -12,10 +12,10 @@ choice drawn at random; alone it picks the right choice about as often as chance
 about which wrong answers tempt the expert. Here each row's `answerKey` becomes the wrong choice the
 expert ranks highest after the prompt it was trained on: by the token that decides which choice
 greedy decoding writes after `The answer is`, or, where two choices start with that same token, by
-the summed log-probability of `The answer is <choice>.`. The file keeps CommonsenseQA's format, so `cold train --task commonsenseqa-text
---data FILE` trains on it unchanged (and leaves out the rows `cold tune` samples, as for the real
-labels): those rows are copied unchanged, in place, so the training loader finds and drops them as
-it does in the train file.
+the summed log-probability of `The answer is <choice>.`. The file keeps CommonsenseQA's format
+(the right label kept as `goldKey`), so `cold train --task commonsenseqa-text --data FILE` trains
+on it unchanged. The rows `cold tune` samples are copied unchanged, in place, so the training
+loader finds and drops them as it does in the train file.
 """
 
 from __future__ import annotations
@@ -117,4 +117,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cold.errors import ColdError
+
+    try:
+        main()
+    except ColdError as exc:  # a missing or malformed file, an adapter that does not fit: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None

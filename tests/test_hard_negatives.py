@@ -85,3 +85,13 @@ def test_relabels_every_row_but_the_reserved_ones(tiny, tiny_dir, tmp_path):
     pairs = load_commonsenseqa(out, answer_text=True)
     relabelled = [r for index, r in enumerate(written) if index not in reserved]
     assert sorted(a for _, a in pairs) == sorted(f"The answer is {r['answerKey'].lower()}{r['id'][1:]}." for r in relabelled)
+
+
+def test_a_malformed_train_file_gets_one_clear_line_and_no_output(tiny_dir, tmp_path):
+    data, out = tmp_path / "train.jsonl", tmp_path / "hard.jsonl"
+    data.write_text('{"answerKey": "A", "question": {"stem": "Q?", "choices": [{"label": "A", "text": "a"}]}}\nnot json\n')
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_dir), "--adapter", str(tmp_path / "none"),
+                           "--data", str(data), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"{data}:2: not valid JSON" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
