@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cold.evaluation.prompts import question_text
-from cold.evaluation.tasks import read_commonsenseqa, select
+from cold.evaluation.tasks import _jsonl_rows, read_commonsenseqa, select
 from cold.training import DEFAULT_DATA, TUNING_RESERVE, completion_ids, prompt_ids, resolve_prompt_format
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     base = load_base(args.model)
     model = PeftModel.from_pretrained(base.model, str(args.adapter)).eval()
     prompt_format = resolve_prompt_format(base.tokenizer, args.prompt, args.model)
-    raw = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = [row for _, row in _jsonl_rows(args.data)]  # the reader's own rows: aligned with `problems`
     args.out.parent.mkdir(parents=True, exist_ok=True)
     expert_right = scored = 0
     with torch.inference_mode(), args.out.open("w", encoding="utf-8") as out:
