@@ -79,8 +79,9 @@ def coin_flip(rng: random.Random, people: int = PEOPLE) -> Generated:
     return Generated(question, answer, f"{who} {parity} The answer is {answer}.")
 
 
-def last_letters(rng: random.Random, people: int = PEOPLE) -> Generated:
-    names = rng.sample(NAMES, people)
+def last_letters(rng: random.Random, people: int = PEOPLE, words: tuple[str, ...] | list[str] = NAMES) -> Generated:
+    """A last-letters problem over `people` words drawn from `words` (default: the first names)."""
+    names = rng.sample(words, people)
     question = f'Take the last letters of each words in "{" ".join(names)}" and concatenate them.'
     letters = [n[-1].lower() for n in names]
     answer = "".join(letters)
