@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from pathlib import Path
 
@@ -103,3 +104,14 @@ def peft_greedy(peft_model, prompt_ids: list[int], max_new_tokens: int, eos: set
             with peft_model.disable_adapter():
                 out = peft_model.generate(**kwargs)
     return out[0, len(prompt_ids):].tolist()
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported from its file: `load_script("hard_negatives")`."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cold.evaluation.tasks import read_commonsenseqa, select
 from cold.training import TUNING_RESERVE, completion_ids, load_commonsenseqa, prompt_ids
-from conftest import make_lora
+from conftest import SCRIPTS, load_script, make_lora
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "hard_negatives.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("hard_negatives", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "hard_negatives.py"
 
 
 def test_cached_choice_scores_equal_full_forward(tiny, tmp_path):
@@ -32,7 +23,7 @@ def test_cached_choice_scores_equal_full_forward(tiny, tmp_path):
     prompt = prompt_ids(tok, "Where do you keep milk?\nAnswer Choices: (A) shelf (B) fridge", "zero-shot")
     answers = ["The answer is shelf.", "The answer is a cold refrigerator.", "The answer is B."]
     with torch.inference_mode():
-        got = load_script().choice_scores(peft_model, tok, prompt, answers, "zero-shot")
+        got = load_script("hard_negatives").choice_scores(peft_model, tok, prompt, answers, "zero-shot")
         for answer, score in zip(answers, got):
             completion = completion_ids(tok, answer, "zero-shot")[:-1]
             logprobs = torch.log_softmax(peft_model(input_ids=torch.tensor([prompt + completion])).logits[0].float(), -1)
@@ -46,7 +37,7 @@ def test_deciding_token_scores(tiny, tmp_path):
     answers that also share that token are left to the full scores (None)."""
     peft_model = make_lora(tiny.model, tmp_path / "lora")
     tok = tiny.tokenizer
-    hn = load_script()
+    hn = load_script("hard_negatives")
     prompt = prompt_ids(tok, "Where do you keep milk?", "zero-shot")
     answers = ["The answer is shelf.", "The answer is fridge.", "The answer is table."]
     with torch.inference_mode():

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from cold.training import load_worked_examples
+from conftest import SCRIPTS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "self_negatives.py"
+SCRIPT = SCRIPTS / "self_negatives.py"
 
 
 def write_run(run_dir: Path, data: Path) -> None:

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from cold.evaluation.tasks import read_last_letters
 from cold.training import load_worked_examples
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vocabulary_last_letters.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("vocabulary_last_letters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_words_are_whole_capitalised_tokens_without_test_words(smollm2):
-    script = load_script()
+    script = load_script("vocabulary_last_letters")
     tokenizer = smollm2.tokenizer
     everything = script.vocabulary_words(tokenizer, set())
     assert "Paris" in everything and "the" not in everything and "The" in everything
@@ -33,7 +23,7 @@ def test_words_are_whole_capitalised_tokens_without_test_words(smollm2):
 
 
 def test_splits_are_deterministic_distinct_and_readable(tmp_path):
-    script = load_script()
+    script = load_script("vocabulary_last_letters")
     words = [f"W{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
     train, again = script.problems(words, "train", 300), script.problems(words, "train", 300)
     tune = script.problems(words, "tune", 100)
