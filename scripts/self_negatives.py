@@ -9,7 +9,8 @@ mistakes, to serve as CoLD's amateur.
 `scripts/hard_negatives.py` does this for multiple choice (the wrong choice the expert ranks
 highest); here the task is generative, so a negative is what the expert actually wrote where the
 answer it gives is wrong. The run must be on training problems (a generated `gen-train` split, or
-any file the test and tuning splits do not share rows with). Each wrong output becomes one example
+any file the test and tuning splits do not share rows with); a run on a held-out split (`test`,
+`dev`, `gen-tune`, `gen-test`) is refused. Each wrong output becomes one example
 of the symbolic tasks' training format, {"examples": [{"question", "answer", "worked"}]}, with the
 expert's output as `worked` and the right answer kept as `answer`; outputs cut off at the token
 limit are left out (they teach length, not the mistake).
@@ -25,6 +26,8 @@ from pathlib import Path
 from cold.errors import ColdError
 from cold.evaluation.runner import RECORDS_DIR, RUN_FILE
 
+HELD_OUT_SPLITS = ("test", "dev", "gen-tune", "gen-test")
+
 
 def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible") -> tuple[list[dict], dict]:
     """(examples, counts): the decoder's wrong, finished outputs in `run_dir` (the problems it has
@@ -34,7 +37,11 @@ def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible
     for path in (run_path, records_path):
         if not path.is_file():
             raise ColdError(f"{path} not found: give the output directory of a `cold eval` run with decoder {decoder!r}")
-    data_path = Path(json.loads(run_path.read_text(encoding="utf-8"))["data"])
+    run = json.loads(run_path.read_text(encoding="utf-8"))
+    if run.get("split") in HELD_OUT_SPLITS:
+        raise ColdError(f"{run_dir} ran on the {run['split']!r} split, which is held out for tuning or testing: "
+                        "take negatives from training problems (e.g. --split gen-train)")
+    data_path = Path(run["data"])
     try:
         rows = json.loads(data_path.read_text(encoding="utf-8"))["examples"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
