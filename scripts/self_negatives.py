@@ -25,13 +25,15 @@ from pathlib import Path
 
 from cold.errors import ColdError
 from cold.evaluation.runner import RECORDS_DIR, RUN_FILE
+from cold.evaluation.tasks import get_task
 
 HELD_OUT_SPLITS = ("test", "dev", "gen-tune", "gen-test")
 
 
 def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible") -> tuple[list[dict], dict]:
     """(examples, counts): the decoder's wrong, finished outputs in `run_dir` (the problems it has
-    finished so far), each with its problem's question and right answer read from the run's data file."""
+    finished so far), each with its problem's question and right answer, read from the run's data
+    file by the run's task reader."""
     run_path = run_dir / RUN_FILE
     records_path = run_dir / RECORDS_DIR / f"{decoder}.jsonl"
     for path in (run_path, records_path):
@@ -41,11 +43,7 @@ def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible
     if run.get("split") in HELD_OUT_SPLITS:
         raise ColdError(f"{run_dir} ran on the {run['split']!r} split, which is held out for tuning or testing: "
                         "take negatives from training problems (e.g. --split gen-train)")
-    data_path = Path(run["data"])
-    try:
-        rows = json.loads(data_path.read_text(encoding="utf-8"))["examples"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ColdError(f"{data_path}: expected a symbolic task's file {{\"examples\": [{{\"question\", \"answer\"}}]}} ({exc!r})") from exc
+    problems = {p.id: p for p in get_task(run["task"]).read(Path(run["data"]))}  # the run's own reader and ids
     examples, counts = [], {"records": 0, "right": 0, "cut off": 0}
     for line in records_path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -55,8 +53,8 @@ def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible
         elif record["finish_reason"] == "length":
             counts["cut off"] += 1
         else:
-            row = rows[int(record["id"])]
-            examples.append({"question": row["question"], "answer": row["answer"], "worked": record["output"].strip()})
+            problem = problems[record["id"]]
+            examples.append({"question": problem.question, "answer": problem.gold, "worked": record["output"].strip()})
     counts["negatives"] = len(examples)
     return examples, counts
 

@@ -19,7 +19,7 @@ def write_run(run_dir: Path, data: Path) -> None:
             for n, a in [("Ann Bob", "nb"), ("Cy Dee", "ye"), ("Eve Flo", "eo"), ("Gus Hal", "sl")]]
     data.write_text(json.dumps({"examples": rows}), encoding="utf-8")
     (run_dir / "records").mkdir(parents=True)
-    (run_dir / "run.json").write_text(json.dumps({"data": str(data), "split": "gen-train"}), encoding="utf-8")
+    (run_dir / "run.json").write_text(json.dumps({"task": "last_letters", "data": str(data), "split": "gen-train"}), encoding="utf-8")
     records = [  # id, output, right, finish reason
         ("0", "The answer is nb.", True, "stop"),
         ("1", "The last letters are \"y\", \"e\". Concatenated they give y. The answer is y.", False, "stop"),
@@ -57,7 +57,7 @@ def test_missing_or_held_out_run_is_one_clear_line(tmp_path):
     assert done.returncode != 0 and not (tmp_path / "x.json").exists()
     assert "run.json not found" in done.stderr and "Traceback" not in done.stderr
     write_run(tmp_path / "run", tmp_path / "gen-test.json")
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"data": str(tmp_path / "gen-test.json"), "split": "gen-test"}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"task": "last_letters", "data": str(tmp_path / "gen-test.json"), "split": "gen-test"}))
     done = run_script(str(tmp_path / "run"), "--out", str(tmp_path / "x.json"))
     assert done.returncode != 0 and not (tmp_path / "x.json").exists()
     assert "held out for tuning or testing" in done.stderr and "Traceback" not in done.stderr
