@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cold.training import load_worked_examples
-from conftest import SCRIPTS
+from conftest import SCRIPTS, load_script
 
 SCRIPT = SCRIPTS / "self_negatives.py"
 
@@ -28,7 +28,7 @@ def write_run(run_dir: Path, data: Path) -> None:
     ]
     with open(run_dir / "records" / "expert.jsonl", "w", encoding="utf-8") as handle:
         for id_, output, right, finish in records:
-            handle.write(json.dumps({"id": id_, "output": output, "finish_reason": finish,
+            handle.write(json.dumps({"id": id_, "decoder": "expert", "output": output, "finish_reason": finish,
                                      "correct": {"strict": right, "flexible": right}}) + "\n")
 
 
@@ -122,3 +122,15 @@ def test_shipped_coin_flip_anti_expert_corrects_its_expert(tmp_path):
     expert, cold = json.loads((out / "summary.json").read_text())["decoders"]
     assert (expert["decoder"], cold["decoder"]) == ("expert", "cold@0.3/1:amateur") and expert["n"] == cold["n"] == 100
     assert cold["accuracy"]["flexible"]["value"] > expert["accuracy"]["flexible"]["value"], (cold["accuracy"], expert["accuracy"])
+
+
+def test_mistake_kinds_tells_joins_from_letters_and_counts_flips(tmp_path):
+    from cold.evaluation.tasks import Problem
+
+    kinds = load_script("mistake_kinds")
+    write_run(tmp_path / "run", tmp_path / "gen-train.json")
+    # "Cy Dee": letters y, e listed right, joined as "y" -> join; "Gus Hal": no letter list -> letter
+    assert kinds.mistake_kinds(tmp_path / "run") == {"expert": {"join": 1, "letter": 2}}
+    coin = Problem("0", "A coin is heads up. Ann flips the coin. Bob does not flip the coin. Cy flips the coin. Is the coin still heads up?", "yes")
+    assert kinds.coin_flip_kind(coin, "Ann flips the coin, so it is flipped 1 time. The answer is no.") == "2 -> 1"
+    assert "| join | 1 |" in kinds.table(kinds.mistake_kinds(tmp_path / "run"))
