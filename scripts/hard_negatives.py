@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cold.evaluation.prompts import question_text
-from cold.evaluation.tasks import _jsonl_rows, read_commonsenseqa, select
-from cold.training import DEFAULT_DATA, TUNING_RESERVE, completion_ids, prompt_ids, resolve_prompt_format
+from cold.tasks.prompts import question_text
+from cold.tasks.readers import _jsonl_rows, read_commonsenseqa, select
+from cold.load.paths import data_root
+from cold.training.lora import DEFAULT_DATA, TUNING_RESERVE, completion_ids, prompt_ids, resolve_prompt_format
 
 
 def answer_tokens(tokenizer, answers: list[str], prompt_format: str) -> tuple[list[list[int]], int]:
@@ -81,14 +82,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="base model, as `cold train --model` takes it")
     parser.add_argument("--adapter", type=Path, required=True, help="the expert adapter whose temptations to learn")
     parser.add_argument("--prompt", default="auto", help="the expert's training prompt format: chat, zero-shot or auto")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA["commonsenseqa"], help="CommonsenseQA train file")
+    parser.add_argument("--data", type=Path, default=data_root() / DEFAULT_DATA["commonsenseqa"], help="CommonsenseQA train file")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True, help="JSONL file to write (CommonsenseQA format)")
     args = parser.parse_args()
 
     from peft import PeftModel
 
-    from cold.models import load_base
+    from cold.load.models import load_base
 
     if args.threads:
         torch.set_num_threads(args.threads)

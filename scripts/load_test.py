@@ -140,7 +140,7 @@ def _delta_ratio(before: dict, after: dict, total: str, count: str) -> float:
 
 
 def start_server(server_args: list[str], port: int, log_path: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cold.server_cli", "--port", str(port), *server_args]
+    command = [sys.executable, "-m", "cold.cli.serve", "--port", str(port), *server_args]
     print("starting:", " ".join(command), f"(log: {log_path})", file=sys.stderr)
     log = open(log_path, "w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

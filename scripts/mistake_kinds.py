@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cold.errors import ColdError
 from cold.evaluation.runner import RECORDS_DIR, RUN_FILE
-from cold.evaluation.tasks import Problem, get_task
+from cold.tasks.readers import Problem, get_task
 
 FLIPPED = re.compile(r"flipped (\d+) times?")
 LETTERS = re.compile(r" are (.*?)\. Concatenated")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cold.errors import ColdError
 from cold.evaluation.runner import RECORDS_DIR, RUN_FILE
-from cold.evaluation.tasks import get_task
+from cold.tasks.readers import get_task
 
 HELD_OUT_SPLITS = ("test", "dev", "gen-tune", "gen-test")
 

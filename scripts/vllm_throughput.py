@@ -6,8 +6,8 @@ Prompts: the first N GSM8K test questions (../shared/data/gsm8k/test.jsonl) in t
 the same for every system; all N submitted together (N = concurrency); greedy, stop at EOS or
 --max-tokens. Systems:
 
-  engine-cold    cold.engine.Engine, decoder="cold" (expert + amateur rows in one pass)
-  engine-expert  cold.engine.Engine, decoder="expert" (the LoRA alone)
+  engine-cold    cold.decoding.engine.Engine, decoder="cold" (expert + amateur rows in one pass)
+  engine-expert  cold.decoding.engine.Engine, decoder="expert" (the LoRA alone)
   vllm-cold      cold.vllm.generate over vllm.LLM: expert/amateur request pairs + ColdPairProcessor
   vllm-expert    vllm.LLM with the LoRARequest, plain greedy (no pairing)
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 def gsm8k_questions(n: int) -> list[str]:
-    from cold.evaluation.tasks import get_task
+    from cold.tasks.readers import get_task
 
     task = get_task("gsm8k")
     problems = task.read(task.path("test"))
@@ -60,8 +60,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cold.demo import demo_adapter_dir
-    from cold.engine import Engine
+    from cold.load.demo import demo_adapter_dir
+    from cold.decoding.engine import Engine
     from cold.vllm import generate, make_llm
 
     sizes = [int(x) for x in args.concurrency.split(",")]

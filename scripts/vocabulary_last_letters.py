@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 from cold.errors import ColdError
-from cold.evaluation.generators import last_letters
-from cold.evaluation.prompts import EXEMPLARS
-from cold.evaluation.tasks import get_task
+from cold.tasks.generators import last_letters
+from cold.tasks.prompts import EXEMPLARS
+from cold.tasks.readers import get_task
 
 SPLIT_SEEDS = {"train": 11, "tune": 12}
 WORD = re.compile(r"[A-Z][a-z]{1,9}")
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="whose tokenizer's vocabulary (default: smollm2)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from cold.models import load_base
+    from cold.load.models import load_base
 
     try:
         tokenizer = load_base(args.model).tokenizer

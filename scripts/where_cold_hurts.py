@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from cold.evaluation.decoders import parse_decoder
-from cold.evaluation.prompts import make_style
+from cold.tasks.prompts import make_style
 from cold.evaluation.stats import paired_difference
-from cold.evaluation.tasks import read_commonsenseqa
+from cold.tasks.readers import read_commonsenseqa
 
 
 def read_records(run: Path, decoder: str) -> dict[str, dict]:
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--answer-prefix", default="The answer is", help="what the adapter writes before the choice")
     args = parser.parse_args()
 
-    from cold.engine import Engine
-    from cold.models import load_base
+    from cold.decoding.engine import Engine
+    from cold.load.models import load_base
 
     run_info = json.loads((args.run / "run.json").read_text())
     problems = {p.id: p for p in read_commonsenseqa(Path(run_info["data"]))}

@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from cold.lora import uninstall_adapters
-from cold.models import BaseModel, load_base
+from cold.lora.layer import uninstall_adapters
+from cold.load.models import BaseModel, load_base
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -8,7 +8,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from cold import bench, bench_cells
+from cold.bench import run as bench, cells as bench_cells
 from cold.cli import app
 from conftest import make_lora
 

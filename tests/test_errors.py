@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cold.adapters import read_adapter
-from cold.engine import Engine
+from cold.load.adapters import read_adapter
+from cold.decoding.engine import Engine
 from cold.errors import ColdError
-from cold.lora import RowLoRALinear
-from cold.models import load_base
+from cold.lora.layer import RowLoRALinear
+from cold.load.models import load_base
 from conftest import make_lora
 
 
@@ -105,9 +105,9 @@ def test_a_bad_adapter_changes_nothing(tiny, good, tmp_path):
 
 
 def test_engine_load_checks_adapters_before_loading_the_model(tmp_path, monkeypatch):
-    import cold.engine
+    import cold.decoding.engine
 
-    monkeypatch.setattr(cold.engine, "load_base", lambda *a, **k: pytest.fail("model loaded before adapter check"))
+    monkeypatch.setattr(cold.decoding.engine, "load_base", lambda *a, **k: pytest.fail("model loaded before adapter check"))
     with pytest.raises(ColdError, match="directory not found"):
         Engine.load("smollm2", {"x": tmp_path / "missing"})
 

@@ -13,10 +13,10 @@ from cold.cli import app
 from cold.errors import ColdError
 from cold.evaluation import stats
 from cold.evaluation.decoders import DecoderSpec, parse_decoder, parse_decoders
-from cold.evaluation.extract import extract, is_correct, normalize_gold, normalize_number
-from cold.evaluation.prompts import EXEMPLARS, make_style
+from cold.tasks.extract import extract, is_correct, normalize_gold, normalize_number
+from cold.tasks.prompts import EXEMPLARS, make_style
 from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
-from cold.evaluation.tasks import TASKS, Problem, data_root, get_task, read_jsonl, select
+from cold.tasks.readers import TASKS, Problem, data_root, get_task, read_jsonl, select
 from conftest import make_lora
 
 runner = CliRunner()
@@ -356,7 +356,7 @@ def test_eval_end_to_end_on_the_tiny_model_then_resumes(tiny_dir, tiny_lora, tmp
     before = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
 
     # rerun: everything is resumed from the records, the model is not even loaded
-    from cold.engine import Engine
+    from cold.decoding.engine import Engine
 
     def refuse(*_, **__):
         raise AssertionError("a resumed run generated again")

@@ -4,7 +4,7 @@ sliding window is shorter than the prompts, so that the sliding-window layers re
 Gemma 3 differs from the Llama default: sliding-window attention on 5 of every 6 layers (their
 caches are transformers' `DynamicSlidingWindowLayer`, not our growing layer), scaled embeddings,
 q/k norms, tied embeddings with a 262k vocabulary, an optional final logit soft-cap, and no lean
-decode step (`cold.lean` is Llama only).
+decode step (`cold.runner.llama_step` is Llama only).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from cold import lean, models
-from cold.adapters import read_adapter
-from cold.engine import Engine
+from cold.runner import llama_step as lean
+
+from cold.load import models
+from cold.load.adapters import read_adapter
+from cold.decoding.engine import Engine
 from cold.errors import ColdError
 from conftest import make_lora, peft_greedy, reference_cold_greedy
 
@@ -118,7 +120,7 @@ def test_server_queues_joiners_behind_a_sliding_window_batch(tiny_gemma, tmp_pat
     import threading
 
     from cold.params import DecodeParams
-    from cold.server_scheduler import Job, JobFailed, Scheduler
+    from cold.serve.scheduler import Job, JobFailed, Scheduler
 
     make_lora(tiny_gemma.model, tmp_path, targets=("q_proj", "v_proj"), std=0.2, seed=2)
     engine = Engine(tiny_gemma, [read_adapter(tmp_path)])
@@ -164,7 +166,7 @@ def test_missing_package_is_a_clear_error_and_the_assembled_file_is_reused(tmp_p
 
 
 def test_training_formats_gemma_as_zero_shot_text_and_refuses_the_chat_format(gemma3, tmp_path):
-    from cold.training import resolve_prompt_format, train_lora
+    from cold.training.lora import resolve_prompt_format, train_lora
 
     assert resolve_prompt_format(gemma3.tokenizer, "auto", "gemma3") == "zero-shot"  # a base model: no chat template
     data = tmp_path / "train.jsonl"
@@ -176,9 +178,9 @@ def test_training_formats_gemma_as_zero_shot_text_and_refuses_the_chat_format(ge
 
 def test_gemma3_demo_adapter_is_shipped_fits_and_answers_in_its_format(gemma3):
     """The CommonsenseQA demo adapter trained on the zero-shot text prompt (`cold train --model gemma3`)."""
-    from cold.demo import DEMO_ADAPTERS, demo_adapter_dir
-    from cold.evaluation.prompts import make_style
-    from cold.evaluation.tasks import Problem
+    from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
+    from cold.tasks.prompts import make_style
+    from cold.tasks.readers import Problem
 
     path = demo_adapter_dir("gemma3", "commonsenseqa")
     assert path is not None and path.name == DEMO_ADAPTERS["gemma3"]["commonsenseqa"]
@@ -207,10 +209,10 @@ def test_gemma3_anti_experts_are_shipped_fit_and_push_the_contrast_to_the_right_
 
     from peft import PeftModel
 
-    from cold.demo import DEMO_DIR, demo_adapter_dir
-    from cold.evaluation.prompts import make_style
-    from cold.evaluation.tasks import Problem
-    from cold.lora import uninstall_adapters
+    from cold.load.demo import DEMO_DIR, demo_adapter_dir
+    from cold.tasks.prompts import make_style
+    from cold.tasks.readers import Problem
+    from cold.lora.layer import uninstall_adapters
 
     path = DEMO_DIR / name
     expert_dir = demo_adapter_dir("gemma3", "commonsenseqa")

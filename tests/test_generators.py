@@ -9,11 +9,11 @@ import re
 import pytest
 
 from cold.errors import ColdError
-from cold.evaluation import generators
-from cold.evaluation.extract import extract, is_correct
-from cold.evaluation.prompts import EXEMPLARS
-from cold.evaluation.tasks import get_task
-from cold.training import load_task
+from cold.tasks import generators
+from cold.tasks.extract import extract, is_correct
+from cold.tasks.prompts import EXEMPLARS
+from cold.tasks.readers import get_task
+from cold.training.lora import load_task
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from cold.evaluation.tasks import read_commonsenseqa, select
-from cold.training import TUNING_RESERVE, completion_ids, load_commonsenseqa, prompt_ids
+from cold.tasks.readers import read_commonsenseqa, select
+from cold.training.lora import TUNING_RESERVE, completion_ids, load_commonsenseqa, prompt_ids
 from conftest import SCRIPTS, load_script, make_lora
 
 SCRIPT = SCRIPTS / "hard_negatives.py"

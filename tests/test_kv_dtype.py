@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold.adapters import read_adapter
-from cold.batch import RowLayout
-from cold.demo import demo_adapter_dir
-from cold.engine import Engine
+from cold.load.adapters import read_adapter
+from cold.runner.rows import RowLayout
+from cold.load.demo import demo_adapter_dir
+from cold.decoding.engine import Engine
 from cold.errors import ColdError
 from conftest import make_lora
 

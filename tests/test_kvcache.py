@@ -1,4 +1,4 @@
-"""The static KV cache (`cold.kvcache`): room reserved at prefill, one block for every layer,
+"""The static KV cache (`cold.runner.kvcache`): room reserved at prefill, one block for every layer,
 prefill in chunks of columns; all of it invisible in the tokens."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold import engine as engine_module
-from cold.adapters import read_adapter
-from cold.batch import RowLayout
-from cold.engine import Engine
-from cold.kvcache import GrowingLayer
-from cold.running import RunningBatch
+from cold.decoding import engine as engine_module
+from cold.load.adapters import read_adapter
+from cold.runner.rows import RowLayout
+from cold.decoding.engine import Engine
+from cold.runner.kvcache import GrowingLayer
+from cold.decoding.running import RunningBatch
 from conftest import make_lora
 
 

@@ -1,15 +1,15 @@
-"""The lean decode step (`cold.lean`) against the reference path (transformers' forward)."""
+"""The lean decode step (`cold.runner.llama_step`) against the reference path (transformers' forward)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cold.adapters import read_adapter
-from cold.batch import RowLayout
-from cold.demo import demo_adapter_dir
-from cold.engine import Engine
-from cold.models import BaseModel
+from cold.load.adapters import read_adapter
+from cold.runner.rows import RowLayout
+from cold.load.demo import demo_adapter_dir
+from cold.decoding.engine import Engine
+from cold.load.models import BaseModel
 from conftest import make_lora
 
 DECODERS = ("base", "expert", "cold")

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cold.adapters import read_adapter
-from cold.batch import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
-from cold.engine import Engine
-from cold.lora import RowLoRALinear, RowSelection, lora_delta_gathered, lora_delta_reference, lora_delta_single
+from cold.load.adapters import read_adapter
+from cold.runner.rows import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
+from cold.decoding.engine import Engine
+from cold.lora.layer import RowLoRALinear, RowSelection, lora_delta_gathered, lora_delta_reference, lora_delta_single
 from conftest import ALL_LINEAR, make_lora
 
 

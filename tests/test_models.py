@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold import models
-from cold.engine import Engine
+from cold.load import gguf, models
+from cold.decoding.engine import Engine
 
 
 def test_default_model_is_converted_once_and_reused(smollm2, monkeypatch):
@@ -46,7 +46,7 @@ def test_a_copy_of_the_gguf_elsewhere_reuses_the_conversion(smollm2, tmp_path):
     changed.write_bytes(b"GGUF" + bytes(64))
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + bytes(63) + b"\x01")
-    assert models._gguf_cache_key(changed) != models._gguf_cache_key(other)
+    assert gguf._gguf_cache_key(changed) != gguf._gguf_cache_key(other)
 
 
 def test_bfloat16_runs_the_same_code_path(tiny_dir):

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cold import scoring
-from cold.text import TextTracker
+from cold.sampling import scoring
+from cold.sampling.detokenize import TextTracker
 
 logits_strategy = st.builds(
     lambda seed, rows, vocab, spread: torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * spread,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cold.training import load_worked_examples
+from cold.training.lora import load_worked_examples
 from conftest import SCRIPTS, load_script
 
 SCRIPT = SCRIPTS / "self_negatives.py"
@@ -73,10 +73,10 @@ def test_shipped_last_letters_anti_expert_sharpens_the_join(smollm2):
     import torch
     from peft import PeftModel
 
-    from cold.demo import DEMO_DIR, demo_adapter_dir
-    from cold.evaluation.generators import generate
-    from cold.lora import uninstall_adapters
-    from cold.training import prompt_ids
+    from cold.load.demo import DEMO_DIR, demo_adapter_dir
+    from cold.tasks.generators import generate
+    from cold.lora.layer import uninstall_adapters
+    from cold.training.lora import prompt_ids
 
     anti_dir = DEMO_DIR / "smollm2-last_letters-selfneg"
     assert (anti_dir / "adapter_model.safetensors").stat().st_size < 10 * 2**20
@@ -111,7 +111,7 @@ def test_shipped_coin_flip_anti_expert_corrects_its_expert(tmp_path):
     from typer.testing import CliRunner
 
     from cold.cli import app
-    from cold.demo import DEMO_DIR
+    from cold.load.demo import DEMO_DIR
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
@@ -125,7 +125,7 @@ def test_shipped_coin_flip_anti_expert_corrects_its_expert(tmp_path):
 
 
 def test_mistake_kinds_tells_joins_from_letters_and_counts_flips(tmp_path):
-    from cold.evaluation.tasks import Problem
+    from cold.tasks.readers import Problem
 
     kinds = load_script("mistake_kinds")
     write_run(tmp_path / "run", tmp_path / "gen-train.json")

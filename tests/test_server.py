@@ -15,14 +15,14 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from cold.adapters import read_adapter
+from cold.load.adapters import read_adapter
 from cold.cli import app as cli_app
-from cold.engine import Engine
-from cold.lora import uninstall_adapters
-from cold.models import load_base
+from cold.decoding.engine import Engine
+from cold.lora.layer import uninstall_adapters
+from cold.load.models import load_base
 from cold.params import DecodeParams
-from cold.server import ServerConfig, create_app
-from cold.server_cli import _model_id
+from cold.serve.app import ServerConfig, create_app
+from cold.cli.serve import _model_id
 from conftest import make_lora
 
 KEY = "test-key"

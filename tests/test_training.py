@@ -6,10 +6,10 @@ import json
 
 from typer.testing import CliRunner
 
-from cold.adapters import read_adapter
+from cold.load.adapters import read_adapter
 from cold.cli import app
-from cold.engine import Engine
-from cold.models import load_base
+from cold.decoding.engine import Engine
+from cold.load.models import load_base
 
 
 def test_train_a_tiny_adapter_end_to_end(tiny_dir, tmp_path):
@@ -30,8 +30,8 @@ def test_train_a_tiny_adapter_end_to_end(tiny_dir, tmp_path):
 
 
 def test_every_demo_adapter_is_shipped_fits_its_model_and_has_a_model_card(smollm2):
-    from cold.adapters import check_adapter_fits, read_adapter
-    from cold.demo import DEMO_ADAPTERS, demo_adapter_dir
+    from cold.load.adapters import check_adapter_fits, read_adapter
+    from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
 
     modules = dict(smollm2.model.named_modules())
     for task, name in DEMO_ADAPTERS["smollm2"].items():
@@ -60,9 +60,9 @@ def write_commonsenseqa(tmp_path, n: int):
 
 
 def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
-    from cold.evaluation.prompts import question_text
-    from cold.evaluation.tasks import read_commonsenseqa, select
-    from cold.training import load_task
+    from cold.tasks.prompts import question_text
+    from cold.tasks.readers import read_commonsenseqa, select
+    from cold.training.lora import load_task
 
     path = write_commonsenseqa(tmp_path, 700)
     _, pairs = load_task("commonsenseqa", path)
@@ -75,9 +75,9 @@ def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
 
 
 def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_path):
-    from cold.evaluation.prompts import question_text
-    from cold.evaluation.tasks import read_commonsenseqa
-    from cold.training import load_task
+    from cold.tasks.prompts import question_text
+    from cold.tasks.readers import read_commonsenseqa
+    from cold.training.lora import load_task
 
     path = write_commonsenseqa(tmp_path, 600)
     _, right = load_task("commonsenseqa-text", path)
@@ -98,9 +98,9 @@ def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_p
 def test_zero_shot_format_trains_on_cold_evals_text_prompt(tiny_dir, tmp_path):
     """`--prompt zero-shot`: the prompt tokens are exactly what `cold eval --prompt zero-shot`
     feeds the engine; the loss covers ` answer` and the EOS token only."""
-    from cold.evaluation.prompts import make_style
-    from cold.evaluation.tasks import Problem
-    from cold.training import encode_example
+    from cold.tasks.prompts import make_style
+    from cold.tasks.readers import Problem
+    from cold.training.lora import encode_example
 
     base = load_base(str(tiny_dir))
     problem = Problem("0", "What is 2 + 2?", "4")

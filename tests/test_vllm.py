@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from cold.adapters import read_adapter
-from cold.demo import demo_adapter_dir
-from cold.engine import Engine
+from cold.load.adapters import read_adapter
+from cold.load.demo import demo_adapter_dir
+from cold.decoding.engine import Engine
 from cold.errors import ColdError
 from cold.vllm.generate import pair_limits, plan_waves, shutdown
 from cold.vllm.pairs import PairTable, PairTag, check_pair
@@ -255,7 +255,7 @@ def test_cli_engine_vllm_refuses_beam_search():
 def vllm_client(vllm_llm):
     from fastapi.testclient import TestClient
 
-    from cold.vllm.server import create_app
+    from cold.serve.vllm_backend import create_app
 
     llm, lora = vllm_llm
     with TestClient(create_app(llm, lora, "smollm2")) as client:

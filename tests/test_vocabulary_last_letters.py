@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cold.evaluation.tasks import read_last_letters
-from cold.training import load_worked_examples
+from cold.tasks.readers import read_last_letters
+from cold.training.lora import load_worked_examples
 from conftest import load_script
 
 

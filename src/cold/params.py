@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 
 from cold.errors import ColdError
-from cold.scoring import SCORING_FORMS
+from cold.sampling.scoring import SCORING_FORMS
 
 DECODERS = ("cold", "expert", "base")
 

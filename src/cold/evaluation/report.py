@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.evaluation.extract import RULES
+from cold.tasks.extract import RULES
 from cold.evaluation.stats import LEVEL, N_BOOT, bootstrap_mean, discordant, paired_difference
 
 BOOTSTRAP_SEED = 0

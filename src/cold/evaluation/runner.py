@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cold.errors import ColdError
 from cold.evaluation.decoders import DecoderSpec
-from cold.evaluation.extract import RULES, extract, is_correct
-from cold.evaluation.prompts import PromptStyle
-from cold.evaluation.tasks import Problem
+from cold.tasks.extract import RULES, extract, is_correct
+from cold.tasks.prompts import PromptStyle
+from cold.tasks.readers import Problem
 
 SCHEMA = "cold-eval/1"
 RUN_FILE = "run.json"
@@ -161,7 +161,7 @@ def run_decoders(
     """Generate what is missing; return (records of each decoder in problem order, new generations per decoder).
 
     `engine` needs only `generate(prompts, chat=..., stop=..., max_new_tokens=..., **decoder kwargs)`
-    returning objects with `.text`, `.token_ids` and `.finish_reason` (cold.engine.Engine); if it
+    returning objects with `.text`, `.token_ids` and `.finish_reason` (cold.decoding.engine.Engine); if it
     has a `load()` method, that is called before the first timed batch.
     Problems are batched in order of prompt length (less padding); every decoder gets the same batches.
     """

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.engine import Generation, encode_prompt
+from cold.decoding.engine import Generation, encode_prompt
 from cold.errors import ColdError
 from cold.params import DecodeParams
 from cold.vllm.pairs import PairTag, check_pair
@@ -73,13 +73,13 @@ def make_llm(
     vllm = require_vllm()
     from vllm.lora.request import LoRARequest
 
-    from cold.models import resolve_model_dir
+    from cold.load.models import resolve_model_dir
 
     path = resolve_model_dir(model)
     lora = None
     rank = 8
     if adapter is not None:
-        from cold.adapters import read_adapter
+        from cold.load.adapters import read_adapter
 
         rank = read_adapter(adapter).rank  # validates the PEFT directory with our messages first
         lora = LoRARequest(adapter_name or Path(adapter).name, 1, str(Path(adapter).resolve()))
@@ -175,7 +175,7 @@ def generate(
 
     `adapter` is the expert's `vllm.lora.request.LoRARequest` (as returned by `make_llm`).
     Greedy unless `do_sample`; sampled pairs share one seed so both rows draw the same token.
-    Returns one `cold.engine.Generation` per prompt (token_ids: generated ids, EOS included).
+    Returns one `cold.decoding.engine.Generation` per prompt (token_ids: generated ids, EOS included).
     """
     require_vllm()
     from vllm import SamplingParams

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cold.scoring import SCORING_FORMS
+from cold.sampling.scoring import SCORING_FORMS
 
 TAG = "cold"
 ROLES = ("expert", "amateur")

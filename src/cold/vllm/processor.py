@@ -5,7 +5,7 @@ Registered with `LLM(..., logits_processors=[ColdPairProcessor])` (or the FQCN
 vLLM's engine-core worker, once per step, on the logits [B, V] of the persistent batch (row i =
 request in batch slot i), after vLLM's allowed-token / bad-words stages and before penalties,
 temperature and sampling. For every in-step pair it writes the CoLD score
-(`cold.scoring.contrastive_scores`, the rule of our own engine) into *both* rows, so the
+(`cold.sampling.scoring.contrastive_scores`, the rule of our own engine) into *both* rows, so the
 sampler picks the same token for both and the amateur keeps seeing exactly the expert's text.
 
 This is the V1 model-runner interface (`vllm.v1.sample.logits_processor.LogitsProcessor`);
@@ -18,7 +18,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from cold import scoring
+from cold.sampling import scoring
 from cold.vllm.pairs import PairTable, PairTag
 
 logger = init_logger(__name__)

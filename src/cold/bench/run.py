@@ -1,0 +1,472 @@
+"""`cold bench`: decode-step speed of CoLD and its baselines, side by side, in one run.
+
+    cold bench                                   # default model, its adapter, batch 1, 4, 16
+    cold bench --batch-sizes 1 --decoders cold,expert --json bench/latest.json --plot bench/latest.png
+    cold bench --e2e 200 --new-tokens 256        # end to end on GSM8K: expert greedy vs cold
+
+Step mode: `repeats` rounds; in each round every decoder at every batch size runs in its own
+fresh process (so peak memory is per decoder), on the same seeded random prompts: load, an
+untimed prefill and warm-up steps, then a timed prefill and `new_tokens` timed decode steps with
+EOS ignored (every decoder does the same work). Rounds go round-robin over the decoders, so
+the drift of a busy machine hits all of them alike. The copy bandwidth is measured before each
+round and at the end, in the same kind of process. What each decoder is:
+`cold.bench.cells.DECODERS`; the derived columns: `cold.bench.report`.
+
+End-to-end mode (`--e2e N`): N GSM8K test problems as chat prompts, EOS honoured, batched like
+`cold generate`; total wall time, tokens generated, and how many runs hit max tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cold.errors import ColdError
+from cold.load.paths import data_root
+
+# Kept here (not imported from cold.bench.cells) so that `cold --help` does not import torch;
+# tests check it matches bench_cells.DECODERS / DEFAULT_DECODERS.
+DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed", "expert-peft",
+                 "expert-reference", "cold-reference")
+DEFAULT_DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
+
+DEFAULT_GSM8K = data_root() / "gsm8k" / "test.jsonl"
+E2E_DECODERS = ("expert", "cold")
+REFILL_GROUP = 4  # with --e2e-refill, each measuring process decodes 4 batches' worth of problems
+SCHEMA = "cold-bench/1"
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # wide tables in files
+err = Console(stderr=True, highlight=False)
+
+
+# ---- running cells ---------------------------------------------------------------------------------
+
+
+class Cells:
+    """Runs measuring cells, each in a fresh child process (forked from a server that has already
+    imported torch and transformers, so a cell starts in well under a second) or in-process."""
+
+    PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "cold.decoding.engine", "cold.bench.cells"]
+
+    def __init__(self, isolate: bool = True):
+        self.isolate = isolate
+        self.pool = None
+        self.cpu_s = 0.0  # CPU time the cells' processes used (to tell other processes' load apart)
+        if isolate:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(self.PRELOAD)
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+            self.pool.submit(os.getpid).result()  # start the server (its imports) before anything is measured
+
+    def run(self, function, spec: dict, what: str) -> dict:
+        if self.pool is None:
+            return function(spec)
+        try:
+            result = self.pool.submit(function, spec).result()
+        except BrokenProcessPool as exc:
+            raise ColdError(f"the process measuring {what} died (out of memory?)") from exc
+        self.cpu_s += result.get("cpu_s", 0.0)
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+# ---- settings --------------------------------------------------------------------------------------
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ColdError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ColdError(f"{option} must be integers >= 1, got {text!r}")
+    return sorted(dict.fromkeys(values))
+
+
+def _decoder_list(text: str | None, e2e: bool) -> list[str]:
+    if text is None:
+        return list(E2E_DECODERS if e2e else DEFAULT_DECODER_NAMES)
+    names = list(dict.fromkeys(v for v in text.replace(" ", "").split(",") if v))
+    allowed = E2E_DECODERS if e2e else DECODER_NAMES
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ColdError(f"--decoders: {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ColdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def command_line(s: dict) -> str:
+    """The full command that reproduces a run (every setting explicit)."""
+    parts = ["cold", "bench", "--model", s["model"]]
+    if s["adapter_given"]:
+        parts += ["--adapter", s["adapter_given"]]
+    if s["e2e"]:
+        parts += ["--e2e", str(s["e2e"]), "--e2e-file", s["e2e_file"], "--e2e-batch-size", str(s["e2e_batch_size"])]
+        parts += ["--e2e-refill"] if s["e2e_refill"] else []
+    else:
+        parts += ["--batch-sizes", ",".join(map(str, s["batch_sizes"])), "--prompt-tokens", str(s["prompt_tokens"]),
+                  "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--seed", str(s["seed"])]
+    parts += ["--new-tokens", str(s["new_tokens"]), "--decoders", ",".join(s["decoders"]),
+              "--alpha", str(s["alpha"]), "--beta", str(s["beta"]), "--device", s["device"], "--dtype", s["dtype"]]
+    if s["kv_dtype"]:
+        parts += ["--kv-dtype", s["kv_dtype"]]
+    if s["threads"]:
+        parts += ["--threads", str(s["threads"])]
+    return shlex.join(parts)
+
+
+def machine_info() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    memory_gb = None
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        memory_gb = kb / 2**20
+    except (OSError, StopIteration):
+        pass
+    return {
+        "hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+        "memory_gb": memory_gb or 0.0, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+class LoadMeter:
+    """How busy the machine was with *other* work during a run: all CPU time the kernel counted
+    (/proc/stat) minus what this process and its cells used, per second of wall time, in cores
+    (0 = quiet; the forkserver's imports count as other work, a few CPU seconds)."""
+
+    def __init__(self, cells: Cells):
+        self.cells = cells
+        self.start_busy, self.start_wall, self.start_ours = self._busy(), time.perf_counter(), self._ours()
+
+    def _ours(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime + self.cells.cpu_s
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def other_cores(self) -> float | None:
+        end = self._busy()
+        if end is None or self.start_busy is None:
+            return None
+        ours = self._ours() - self.start_ours
+        return max(0.0, (end - self.start_busy - ours) / (time.perf_counter() - self.start_wall))
+
+
+def _resolve_adapter(model: str, adapter: str | None, tmp: Path) -> tuple[str | None, str | None]:
+    """(adapter dir, directory to write a random LoRA into): the given one, the demo one, or a random one."""
+    from cold.load.demo import demo_adapter_dir
+
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ColdError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        return adapter, None
+    demo = demo_adapter_dir(model)
+    if demo is not None:
+        return str(demo), None
+    random_dir = tmp / "random-lora-r8"
+    return str(random_dir), str(random_dir)
+
+
+# ---- the two modes ---------------------------------------------------------------------------------
+
+
+def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
+    """Step mode: every decoder x batch size; returns the report (settings, machine, rows, targets)."""
+    from cold.bench import cells as bench_cells, report as bench_report
+
+    s = settings
+    common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
+    machine = machine_info()
+    meter = LoadMeter(cells)
+    say = progress or (lambda text: None)
+    say("reading the model, drawing prompts")
+    info = cells.run(bench_cells.info_cell, {**common, "adapter": s["adapter"], "make_adapter": s["make_adapter"],
+                                             "max_batch": max(s["batch_sizes"])}, "the model")
+    prompts = info.pop("prompts")
+    bandwidth_spec = {**common, "bandwidth_mb": s["bandwidth_mb"]}
+    bandwidth, parts = [], {}
+    total, done = s["repeats"] * len(s["batch_sizes"]) * len(s["decoders"]), 0
+    for round_ in range(s["repeats"]):  # round-robin: drift of a busy machine hits every decoder alike
+        say(f"round {round_ + 1}/{s['repeats']}: measuring copy bandwidth")
+        bandwidth.append(cells.run(bench_cells.bandwidth_cell, bandwidth_spec, "copy bandwidth"))
+        shift = round_ % len(s["decoders"])
+        order = s["decoders"][shift:] + s["decoders"][:shift]  # rotate, so no decoder always runs first
+        for b in s["batch_sizes"]:
+            for decoder in order:
+                done += 1
+                say(f"round {round_ + 1}/{s['repeats']}, batch {b}: {decoder} ({done}/{total})")
+                spec = {**common, "decoder": decoder, "adapter": s["adapter"], "prompts": prompts[:b],
+                        "repeats": 1, "warmup": s["warmup"]}
+                parts.setdefault((decoder, b), []).append(
+                    cells.run(bench_cells.decoder_cell, spec, f"{decoder} at batch {b}"))
+    say("measuring copy bandwidth")
+    bandwidth.append(cells.run(bench_cells.bandwidth_cell, bandwidth_spec, "copy bandwidth"))
+    results = [merge_cells(parts[(d, b)]) for b in s["batch_sizes"] for d in s["decoders"]]
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["other_cores_busy"] = meter.other_cores()
+    machine["threads"] = results[0]["threads"] if results else bandwidth[0]["threads"]
+    best = max(b["copy_gbps"] for b in bandwidth)
+    rows = bench_report.summarize(results, info, best)
+    return {
+        "schema": SCHEMA,
+        "mode": "steps",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command_line(s),
+        "machine": machine,
+        "settings": _public(s),
+        "info": info,
+        "bandwidth": {"copy_gbps": best, "measurements": [b["copy_gbps"] for b in bandwidth], "bytes": bandwidth[0]["bytes"],
+                      "method": "dst.copy_(src) of a float32 tensor; (read + write) bytes / median time; best of the "
+                                "measurements before each round and at the end"},
+        "memory": {"isolated": cells.isolate,
+                   "method": "VmHWM of the measuring process, reset after loading (peak_rss_mb: prefill + decode incl. the "
+                             "loaded weights) and before (load_peak_rss_mb); the largest over the repeats"},
+        "timing": "each repeat is one fresh process per decoder and batch size, round-robin over decoders (order rotated "
+                  "per round): load, untimed prefill + warm-up steps, then a timed prefill and new_tokens timed steps",
+        "decoders": {d: bench_cells.DECODERS[d] for d in s["decoders"]},
+        "rows": rows,
+        "targets": bench_report.targets(rows),
+    }
+
+
+def merge_cells(parts: list[dict]) -> dict:
+    """One decoder and batch size measured in several processes: pool the timings, keep the worst peak."""
+    merged = dict(parts[-1])
+    for key in ("prefill_ms", "step_ms"):
+        merged[key] = [v for p in parts for v in p[key]]
+    bodies = [p["body_ms"] for p in parts]
+    merged["body_ms"] = None if any(f is None for f in bodies) else [v for f in bodies for v in f]
+    for key in ("peak_rss_mb", "load_peak_rss_mb", "peak_gpu_mb"):
+        values = [p[key] for p in parts if p[key] is not None]
+        merged[key] = max(values) if values else None
+    merged["load_s"] = sorted(p["load_s"] for p in parts)[len(parts) // 2]
+    merged["processes"] = len(parts)
+    return merged
+
+
+def load_questions(path: Path, count: int) -> list[str]:
+    if not path.is_file():
+        raise ColdError(f"--e2e-file {path}: file not found")
+    questions = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    questions.append(json.loads(line)["question"].strip())
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise ColdError(f"{path}:{number}: expected a JSON object with a string field 'question'") from None
+            if len(questions) == count:
+                break
+    if len(questions) < count:
+        raise ColdError(f"--e2e {count}: {path} has only {len(questions)} problems")
+    return questions
+
+
+def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
+    """End-to-end mode: the first N problems, expert greedy and cold, same prompts and max tokens."""
+    from cold.bench import cells as bench_cells, report as bench_report
+
+    s = settings
+    say = progress or (lambda text: None)
+    machine = machine_info()
+    meter = LoadMeter(cells)
+    questions = load_questions(Path(s["e2e_file"]), s["e2e"])
+    common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "new_tokens")}
+    if s["make_adapter"]:
+        say("making a random LoRA")
+        cells.run(bench_cells.info_cell, {**common, "adapter": None, "make_adapter": s["make_adapter"], "max_batch": 1,
+                                          "prompt_tokens": 1, "seed": 0}, "the model")
+    size = s["e2e_batch_size"] * (REFILL_GROUP if s["e2e_refill"] else 1)  # problems per measuring process
+    batches = [questions[i : i + size] for i in range(0, len(questions), size)]
+    parts: dict[str, list[dict]] = {d: [] for d in s["decoders"]}
+    for number, batch in enumerate(batches):  # interleaved, order flipped per batch: drift hits both alike
+        order = s["decoders"] if number % 2 == 0 else s["decoders"][::-1]
+        for decoder in order:
+            say(f"end to end, group {number + 1}/{len(batches)}: {decoder}")
+            spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": batch,
+                    "batch_size": s["e2e_batch_size"], "refill": s["e2e_refill"]}
+            parts[decoder].append(cells.run(bench_cells.e2e_cell, spec, f"{decoder} end to end"))
+    results = [
+        {
+            "decoder": d,
+            "threads": ps[0]["threads"],
+            "wall_s": sum(p["wall_s"] for p in ps),
+            "batch_wall_s": [p["wall_s"] for p in ps],
+            "prefill_s": None if any(p["prefill_s"] is None for p in ps) else sum(p["prefill_s"] for p in ps),
+            "lengths": [n for p in ps for n in p["lengths"]],
+            "finish_reasons": [r for p in ps for r in p["finish_reasons"]],
+            "steps": sum(p["steps"] for p in ps),
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in ps),
+        }
+        for d, ps in parts.items()
+    ]
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["other_cores_busy"] = meter.other_cores()
+    machine["threads"] = results[0]["threads"]
+    rows = bench_report.summarize_e2e(results)
+    return {
+        "schema": SCHEMA, "mode": "e2e", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(s),
+        "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"]},
+        "memory": {"isolated": cells.isolate, "method": "VmHWM of the measuring process from after the warm-up to the "
+                                                           "end; the largest over the batches"},
+        "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill) and decoder, decoders "
+                  "interleaved (order flipped every group); wall_s sums the groups' decode times (after loading and a "
+                  "short warm-up); prefill_s the part of it spent in Engine.prefill",
+        "rows": rows, "paired": bench_report.e2e_paired(rows),
+    }
+
+
+def _public(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("make_adapter", "adapter_given")}
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+
+def bench_command(
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    adapter: Annotated[Optional[str], typer.Option(help="PEFT LoRA directory. Default: the model's demo adapter, else a random rank-8 LoRA on all linear layers.")] = None,
+    decoders: Annotated[Optional[str], typer.Option(help="Comma-separated: " + ", ".join(DECODER_NAMES) + f". Default: {','.join(DEFAULT_DECODER_NAMES)} (with --e2e: expert,cold).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated numbers of prompts decoded together.")] = "1,4,16",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens (random ids, seeded).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Decode steps per prompt (EOS ignored); with --e2e: max new tokens.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Rounds: timed repetitions (prefill + all steps), each in a fresh process per decoder and batch size.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed decode steps after an untimed prefill, in every process before timing.")] = 16,
+    alpha: Annotated[float, typer.Option(help="CoLD plausibility threshold.")] = 0.1,
+    beta: Annotated[float, typer.Option(help="CoLD contrast strength.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompts (and of a random LoRA).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype of our engine's decoders (default: --dtype), e.g. bfloat16 under float32 weights: half the cache memory.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads in every measuring process (default: torch's default).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart here.")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here (for bench/README.md).")] = None,
+    isolate: Annotated[bool, typer.Option(help="Measure each decoder in its own process (separate memory peaks).")] = True,
+    bandwidth_mb: Annotated[int, typer.Option(help="Size of the tensor copied to measure bandwidth, MiB.")] = 512,
+    e2e: Annotated[int, typer.Option(help="End-to-end mode: decode this many GSM8K test problems instead (0 = off).")] = 0,
+    e2e_file: Annotated[Path, typer.Option(help="GSM8K-style JSONL with a 'question' field.")] = DEFAULT_GSM8K,
+    e2e_batch_size: Annotated[int, typer.Option(help="Problems decoded together in end-to-end mode.")] = 16,
+    e2e_refill: Annotated[bool, typer.Option("--e2e-refill", help="End to end with continuous batching: a new problem joins as soon as one finishes (default: static batches, like cold generate).")] = False,
+) -> None:
+    """Measure decode speed of CoLD and its baselines side by side (step time, prefill, memory, bandwidth floor).
+
+    Examples:
+
+      cold bench --json bench/latest.json --plot bench/latest.png --markdown bench/latest.md
+
+      cold bench --batch-sizes 1 --decoders expert,cold,cold-naive --repeats 5 --threads 2
+
+      cold bench --e2e 200 --new-tokens 256 --json bench/e2e.json --plot bench/e2e.png
+    """
+    cells = None
+    try:
+        from cold.bench import report as bench_report
+        from cold.load.models import pick_device, pick_dtype, resolve_model_dir
+
+        if e2e < 0:
+            raise ColdError(f"--e2e must be >= 0, got {e2e}")
+        _check_positive(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                        bandwidth_mb=bandwidth_mb, e2e_batch_size=e2e_batch_size)
+        if warmup < 0:
+            raise ColdError(f"--warmup must be >= 0, got {warmup}")
+        pick_dtype(dtype)
+        decoder_list = _decoder_list(decoders, bool(e2e))
+        kv_dtype = _kv_dtype(kv_dtype, dtype, decoder_list)
+        device = str(pick_device(device))  # "auto" -> what it means here
+        settings = {
+            "model": model, "adapter_given": adapter, "decoders": decoder_list,
+            "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "alpha": alpha, "beta": beta, "seed": seed,
+            "device": device, "dtype": dtype, "kv_dtype": kv_dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
+            "e2e": e2e, "e2e_file": str(e2e_file), "e2e_batch_size": e2e_batch_size, "e2e_refill": e2e_refill,
+        }
+        with tempfile.TemporaryDirectory(prefix="cold-bench-") as tmp:
+            settings["adapter"], settings["make_adapter"] = _resolve_adapter(model, adapter, Path(tmp))
+            with err.status("preparing the model") as status:
+                resolve_model_dir(model)  # convert a GGUF once, before the measuring processes start
+                cells = Cells(isolate)
+                report = (run_e2e if e2e else run_bench)(settings, cells, lambda text: status.update(text))
+            if settings["make_adapter"]:
+                report["info"]["adapter"] = "random rank-8 LoRA on all linear layers (made for this run)"
+        if e2e:
+            bench_report.print_e2e(report, out)
+        else:
+            bench_report.print_report(report, out)
+        _write_outputs(report, json_path, plot_path, markdown_path)
+    except ColdError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        if cells is not None:
+            cells.close()
+
+
+def _kv_dtype(kv_dtype: str | None, dtype: str, decoders: list[str]) -> str | None:
+    """--kv-dtype checked: None when it is the weights' dtype; only our engine's decoders take another."""
+    from cold.bench.cells import ENGINE_DECODERS
+    from cold.load.models import pick_dtype
+
+    if kv_dtype is None or pick_dtype(kv_dtype) == pick_dtype(dtype):
+        return None
+    others = [d for d in decoders if d not in ENGINE_DECODERS]
+    if others:
+        raise ColdError(f"--kv-dtype applies to our engine's decoders only ({', '.join(ENGINE_DECODERS)}); "
+                        f"leave it out or drop {', '.join(others)} from --decoders")
+    return kv_dtype
+
+
+def _write_outputs(report: dict, json_path: Path | None, plot_path: Path | None, markdown_path: Path | None) -> None:
+    from cold.bench import report as bench_report
+
+    e2e = report["mode"] == "e2e"
+    for path in (json_path, plot_path, markdown_path):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        err.print(f"[dim]wrote {json_path}")
+    if plot_path is not None:
+        (bench_report.plot_e2e if e2e else bench_report.plot)(report, plot_path)
+        err.print(f"[dim]wrote {plot_path}")
+    if markdown_path is not None:
+        markdown_path.write_text((bench_report.markdown_e2e if e2e else bench_report.markdown)(report))
+        err.print(f"[dim]wrote {markdown_path}")

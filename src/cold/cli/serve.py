@@ -1,0 +1,101 @@
+"""`cold serve`: the OpenAI-compatible HTTP server on the command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cold.errors import ColdError
+from cold.params import EngineName
+
+err = Console(stderr=True, highlight=False)
+
+
+def serve(
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    adapter: Annotated[Optional[list[str]], typer.Option(help="PEFT LoRA adapter as NAME=DIR or DIR; repeat for several. Each is served as model id NAME. Default: the built-in demo adapter of a built-in model.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 = this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="COLD_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (also read from $COLD_API_KEY).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Model id of the base model in the API (default: the model's name).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together; further requests wait in the queue.")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Sequences allowed to wait; beyond that requests get 503.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of requests that give none (capped by the context).")] = 256,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Refuse longer prompts with 413 (default: only the model's context limits them).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Refuse larger request bodies with 413.")] = 1 << 20,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
+) -> None:
+    """Serve CoLD over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
+
+    Model ids: the base model's name (or 'base') decodes with the base model; an adapter's name decodes with CoLD using that adapter as the expert. Send 'decoder', 'alpha', 'beta' as extra JSON fields to change the method.
+
+    Example:
+
+      cold serve --adapter gsm8k=./my-gsm8k-lora --port 8000
+
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "gsm8k", "prompt": "2+2=", "max_tokens": 8}'
+    """
+    try:
+        import uvicorn
+
+        from cold.cli import parse_adapter_specs, refuse_kv_dtype_on_vllm
+        from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
+        from cold.decoding.engine import Engine
+        from cold.serve.app import ServerConfig, create_app
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for name, value in [("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens", max_tokens),
+                            ("--max-body-bytes", max_body_bytes)]:
+            if value < 1:
+                raise ColdError(f"{name} must be >= 1, got {value}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ColdError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+        if adapter:
+            adapters = parse_adapter_specs(adapter)
+        else:
+            demo = demo_adapter_dir(model)
+            adapters = {demo.name: str(demo)} if demo else {}
+            if demo is None and model in DEMO_ADAPTERS:
+                err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
+                          "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
+                          "Give an adapter with --adapter NAME=DIR.")
+        if engine_name is EngineName.vllm:
+            from cold.serve.vllm_backend import serve_vllm
+
+            refuse_kv_dtype_on_vllm(kv_dtype)
+            serve_vllm(model, adapters, host=host, port=port, model_name=model_name or _model_id(model), dtype=dtype,
+                       max_batch=max_batch, max_tokens=max_tokens, log_level=log_level, api_key=api_key)
+            return
+        with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
+            engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
+        config = ServerConfig(
+            model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
+            max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+            max_body_bytes=max_body_bytes,
+        )
+        app = create_app(engine, config)
+        ids = ", ".join([config.model_name, *engine.adapter_names])
+        err.print(f"Serving model ids {ids} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    except ColdError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _model_id(model: str) -> str:
+    """'smollm2' -> 'smollm2'; '/models/Foo-1B/' -> 'Foo-1B'; 'x/y.gguf' -> 'y'."""
+    path = Path(model.split("::")[-1])
+    return path.stem if path.suffix == ".gguf" else (path.name or model)
+
+
+if __name__ == "__main__":  # python -m cold.cli.serve (used by scripts/load_test.py --start)
+    typer.run(serve)

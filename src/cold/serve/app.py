@@ -1,0 +1,481 @@
+"""OpenAI-compatible HTTP API over the CoLD engine (FastAPI; run it with `cold serve`).
+
+    app = create_app(Engine.load("smollm2", {"gsm8k": "adapters/smollm2-gsm8k"}), ServerConfig())
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics. The model id picks the network: an adapter's name decodes with that adapter as
+the expert (decoder "cold" by default), the base model's name (or "base") decodes with the
+base model alone (decoder "base" by default). CoLD fields `decoder`, `alpha`, `beta`,
+`scoring`, `top_k` and `expert_scale` ride along in the JSON body.
+
+Every request becomes one `Job` per choice; a single scheduler thread (`server_scheduler`) owns
+the engine and decodes all jobs together with continuous batching. Each HTTP call waits on its
+own asyncio queue, which the scheduler feeds through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cold.errors import ColdError
+from cold.serve.metrics import Metrics
+from cold.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    decode_params,
+    parse,
+    refuse_unsupported,
+)
+from cold.serve.scheduler import Job, JobFailed, QueueFull, Scheduler
+
+log = logging.getLogger("cold.serve.app")
+
+BASE_ALIAS = "base"
+_DISCONNECTED = object()
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "smollm2"  # the base model's id in /v1/models ("base" is accepted too)
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    max_batch: int = 32  # sequences decoded together; more wait in the queue
+    max_queue: int = 256  # sequences waiting to join the batch; beyond that: 503
+    default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
+    max_prompt_tokens: int | None = None  # longer prompts: 413 (None: only the context limits)
+    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    max_n: int = 16  # choices per request
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str  # for echo
+
+
+def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; its scheduler thread runs while the app's lifespan does."""
+    config = config or ServerConfig()
+    clash = {config.model_name, BASE_ALIAS} & set(engine.adapter_names)
+    if clash:
+        raise ColdError(f"adapter name {clash.pop()!r} clashes with the base model's id; rename the adapter")
+    metrics = Metrics()
+    scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics)
+    server = _Server(engine, config, scheduler, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        log.info("serving %s with adapters: %s", config.model_name, ", ".join(engine.adapter_names) or "none")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="cold", description="OpenAI-compatible API over Contrastive LoRA Decoding",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.cold = server
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error_response(request, ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    app.add_middleware(_CountRequests, metrics=metrics, paths={"/v1/completions", "/v1/chat/completions",
+                                                                 "/v1/models", "/health", "/metrics"})
+    return app
+
+
+def _guarded(handler):
+    """Turn every failure of a handler into an OpenAI-style error response, logged once."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request: Request):
+        try:
+            return await handler(self, request)
+        except ApiError as exc:
+            return _error_response(request, exc)
+        except ColdError as exc:
+            return _error_response(request, ApiError(400, str(exc), code="invalid_value"))
+        except Exception as exc:  # a bug: answer 500, keep serving
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error_response(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"), logged=True)
+
+    return wrapper
+
+
+def _error_response(request: Request, exc: ApiError, logged: bool = False) -> JSONResponse:
+    if not logged:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class _Server:
+    def __init__(self, engine, config: ServerConfig, scheduler: Scheduler, metrics: Metrics):
+        self.engine = engine
+        self.config = config
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.vocab_size = min(len(engine.tokenizer), engine.model.get_input_embeddings().num_embeddings)
+
+    # ---- endpoints ----------------------------------------------------------------------
+
+    @_guarded
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = parse(CompletionRequest, await self._read_body(request))
+        adapter = self._resolve_model(body.model)
+        refuse_unsupported(body, self.config.max_n)
+        self._check_amateur(body)
+        params = decode_params(body, adapter)
+        prompts = self._completion_prompts(body.prompt)
+        return await self._generate(request, "completion", body, prompts, params, body.max_tokens, bool(body.echo))
+
+    @_guarded
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = parse(ChatRequest, await self._read_body(request))
+        adapter = self._resolve_model(body.model)
+        refuse_unsupported(body, self.config.max_n)
+        self._check_amateur(body)
+        params = decode_params(body, adapter)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise ApiError(400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens",
+                           code="invalid_value")
+        prompt = self._chat_prompt(chat_messages(body))
+        return await self._generate(request, "chat", body, [prompt], params, max_tokens, echo=False)
+
+    @_guarded
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        card = lambda id_, parent: {"id": id_, "object": "model", "created": self.created,  # noqa: E731
+                                    "owned_by": "cold", "root": id_, "parent": parent}
+        data = [card(self.config.model_name, None)] + [card(a, self.config.model_name) for a in self.engine.adapter_names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        ok = self.scheduler.alive
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "model": self.config.model_name,
+             "adapters": self.engine.adapter_names, "running": self.scheduler.running,
+             "queued": self.scheduler.queued, "max_batch": self.config.max_batch, "max_queue": self.config.max_queue},
+            status_code=200 if ok else 503,
+        )
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- request checks -----------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _resolve_model(self, model: str) -> str | None:
+        """The adapter a model id selects (None: the base model); 404 for ids not served."""
+        if model in (self.config.model_name, BASE_ALIAS):
+            return None
+        if model in self.engine.adapter_names:
+            return model
+        served = ", ".join([self.config.model_name, *self.engine.adapter_names])
+        raise ApiError(404, f"the model {model!r} does not exist on this server; served models: {served}",
+                       param="model", code="model_not_found")
+
+    def _check_amateur(self, body) -> None:
+        """400 when the request's `amateur` is not a served adapter's id."""
+        if body.amateur is not None and body.amateur not in self.engine.adapter_names:
+            served = ", ".join(self.engine.adapter_names) or "none"
+            raise ApiError(400, f"amateur {body.amateur!r} is not an adapter on this server; adapters: {served}",
+                           param="amateur", code="invalid_value")
+
+    def _completion_prompts(self, prompt) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(_Prompt(self.engine.encode(p)[1], p))
+            else:
+                bad = [t for t in p if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                   param="prompt", code="invalid_value")
+                out.append(_Prompt(list(p), self.engine.tokenizer.decode(p)))
+        return out
+
+    def _chat_prompt(self, messages: list[dict]) -> _Prompt:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", code="invalid_value")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises for conversations the template refuses
+            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages",
+                           code="invalid_value") from None
+        return _Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+
+    def _engine_requests(self, prompts: list[_Prompt], params, max_tokens: int | None, n: int) -> list:
+        """One engine request per choice (prompt-major, n per prompt), sized against the context."""
+        context = self.engine.base.context_length
+        limit = self.config.max_prompt_tokens
+        requests = []
+        for prompt in prompts:
+            size = len(prompt.ids)
+            if size == 0:
+                raise ApiError(400, "a prompt is empty (no tokens)", param="prompt", code="invalid_value")
+            if limit is not None and size > limit:
+                raise ApiError(413, f"the prompt has {size} tokens; this server accepts at most {limit}",
+                               param="prompt", code="prompt_too_long")
+            if size >= context:
+                raise ApiError(400, f"the prompt has {size} tokens; this model's context is {context} tokens, "
+                               "which leaves no room for a completion", param="prompt", code="context_length_exceeded")
+            new = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, context - size)
+            if size + new > context:
+                raise ApiError(400, f"this model's context is {context} tokens; the prompt has {size} tokens and "
+                               f"max_tokens asks for {new} more", param="max_tokens", code="context_length_exceeded")
+            for j in range(n):
+                seed = (params.seed + j) % 2**63 if params.seed is not None else None
+                requests.append(self.engine.make_request(prompt.ids, params.with_(max_new_tokens=new, seed=seed)))
+        return requests
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def _generate(self, request: Request, kind: str, body, prompts: list[_Prompt], params,
+                        max_tokens: int | None, echo: bool) -> Response:
+        start = time.perf_counter()
+        n = body.n or 1
+        if len(prompts) * n > self.config.max_queue:  # could never be queued: not worth a retry
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more sequences than this server queues "
+                           f"({self.config.max_queue}); split the request", param="prompt", code="invalid_value")
+        engine_requests = self._engine_requests(prompts, params, max_tokens, n)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(index: int):
+            return lambda item: loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+
+        jobs = [Job(request=r, deliver=sink(i), index=i) for i, r in enumerate(engine_requests)]
+        try:
+            self.scheduler.submit(jobs)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), code="queue_full") from None
+        prompt_tokens = sum(len(r.prompt_ids) for r in engine_requests)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        call = _Call(kind, body.model, jobs, queue, prompt_tokens, start, self.metrics,
+                     [prompts[i // n].text if echo else "" for i in range(len(jobs))])
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _JobStream(self._stream(request, call, include_usage), lambda: self.scheduler.cancel(call.jobs),
+                              media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete(request, call)
+
+    async def _complete(self, request: Request, call: "_Call") -> Response:
+        watcher = asyncio.create_task(_watch_disconnect(request, call.queue))
+        try:
+            while not call.finished:
+                index, item = await call.queue.get()
+                if item is _DISCONNECTED:
+                    log.info("%s %s: client went away; dropping its %d sequence(s)",
+                             request.method, request.url.path, len(call.jobs))
+                    return Response(status_code=499)
+                if isinstance(item, JobFailed):  # the scheduler has logged it
+                    return _error_response(request, ApiError(item.status, item.message), logged=True)
+                call.add(index, item)
+        finally:
+            watcher.cancel()
+            self.scheduler.cancel(call.jobs)
+        return JSONResponse(call.response())
+
+    async def _stream(self, request: Request, call: "_Call", include_usage: bool):
+        """Server-sent events; ends with `data: [DONE]`. Leaving early (disconnect) cancels the jobs."""
+        try:
+            for chunk in call.opening_chunks():
+                yield _sse(chunk)
+            while not call.finished:
+                index, item = await call.queue.get()
+                if isinstance(item, JobFailed):  # the scheduler has logged it
+                    yield _sse(ApiError(item.status, item.message).body())
+                    break
+                chunk = call.add(index, item)
+                if chunk is not None:
+                    if call.finished and not include_usage:
+                        chunk["usage"] = call.usage()
+                    yield _sse(chunk)
+            else:
+                if include_usage:
+                    yield _sse(call.chunk([], usage=call.usage()))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not call.finished:
+                log.info("%s %s: stream closed early; dropping its sequence(s)", request.method, request.url.path)
+            self.scheduler.cancel(call.jobs)
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that cancels its jobs however it ends, even if it never started streaming."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class _Call:
+    """The state of one generation request: its jobs, their texts so far, and the OpenAI shapes."""
+
+    def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes):
+        self.kind, self.model, self.jobs, self.queue = kind, model, jobs, queue
+        self.prompt_tokens, self.start, self.metrics = prompt_tokens, start, metrics
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.texts = list(echoes)
+        self.echoes = echoes  # streamed with the first chunk of each choice
+        self.tokens = [0] * len(jobs)
+        self.reasons: list[str | None] = [None] * len(jobs)
+        self.remaining = len(jobs)
+        self.first_seen = False
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+    def add(self, index: int, event) -> dict | None:
+        """Account one StreamEvent; return the stream chunk for it (None if it carries nothing)."""
+        if not self.first_seen and event.text:
+            self.first_seen = True
+            self.metrics.first_token_seconds.observe(time.perf_counter() - self.start)
+        self.texts[index] += event.text
+        self.tokens[index] += len(event.token_ids)
+        if event.finish_reason is not None:
+            self.reasons[index] = event.finish_reason
+            self.remaining -= 1
+            if self.finished:
+                self.metrics.request_seconds.observe(time.perf_counter() - self.start)
+        if not event.text and event.finish_reason is None:
+            return None
+        if self.kind == "chat":
+            delta = {"content": event.text} if event.text else {}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+        else:
+            choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+        return self.chunk([choice])
+
+    def opening_chunks(self) -> list[dict]:
+        if self.kind == "chat":
+            return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]) for i in range(len(self.jobs))]
+        return [self.chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
+                for i, e in enumerate(self.echoes) if e]
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def usage(self) -> dict:
+        completion = sum(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def response(self) -> dict:
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Put _DISCONNECTED on the queue when the client of a non-streaming request goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            queue.put_nowait((-1, _DISCONNECTED))
+            return
+
+
+class _CountRequests:
+    """ASGI middleware: count answered requests by endpoint and status code."""
+
+    def __init__(self, app, metrics: Metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths else "other"
+            self.metrics.requests.labels(path, str(status[0])).inc()
