@@ -33,3 +33,9 @@ def demo_adapter_dir(model: str, task: str = "") -> Path | None:
         return None
     path = DEMO_DIR / name
     return path if (path / "adapter_config.json").is_file() else None
+
+
+def default_adapters(model: str, task: str = "") -> dict[str, str]:
+    """{name: directory} of the demo adapter a command loads when the user gives none ({} if there is none)."""
+    path = demo_adapter_dir(model, task)
+    return {path.name: str(path)} if path else {}
