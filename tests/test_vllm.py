@@ -255,10 +255,11 @@ def test_cli_engine_vllm_refuses_beam_search():
 def vllm_client(vllm_llm):
     from fastapi.testclient import TestClient
 
-    from cold.serve.vllm_backend import create_app
+    from cold.serve.app import ServerConfig, create_app
+    from cold.serve.vllm_backend import VllmBackend
 
     llm, lora = vllm_llm
-    with TestClient(create_app(llm, lora, "smollm2")) as client:
+    with TestClient(create_app(VllmBackend(llm, lora), ServerConfig(model_name="smollm2"))) as client:
         yield client
 
 

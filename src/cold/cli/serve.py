@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from cold.cli.common import err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
 from cold.errors import ColdError
 from cold.params import EngineName
 
-err = Console(stderr=True, highlight=False)
 
-
+@reports_errors
 def serve(
     model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
     adapter: Annotated[Optional[list[str]], typer.Option(help="PEFT LoRA adapter as NAME=DIR or DIR; repeat for several. Each is served as model id NAME. Default: the built-in demo adapter of a built-in model.")] = None,
@@ -44,51 +43,50 @@ def serve(
       curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "gsm8k", "prompt": "2+2=", "max_tokens": 8}'
     """
-    try:
-        import uvicorn
+    import uvicorn
 
-        from cold.cli import parse_adapter_specs, refuse_kv_dtype_on_vllm
-        from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
+    from cold.load.demo import DEMO_ADAPTERS, default_adapters
+    from cold.serve.app import ServerConfig, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in [("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens", max_tokens),
+                        ("--max-body-bytes", max_body_bytes)]:
+        if value < 1:
+            raise ColdError(f"{name} must be >= 1, got {value}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ColdError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    if adapter:
+        adapters = parse_adapter_specs(adapter)
+    else:
+        adapters = default_adapters(model)
+        if not adapters and model in DEMO_ADAPTERS:
+            err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
+                      "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
+                      "Give an adapter with --adapter NAME=DIR.")
+    if engine_name is EngineName.vllm:
+        from cold.serve.vllm_backend import VllmBackend
+
+        refuse_kv_dtype_on_vllm(kv_dtype)
+        backend = VllmBackend.load(model, adapters, dtype=dtype)
+    else:
         from cold.decoding.engine import Engine
-        from cold.serve.app import ServerConfig, create_app
+        from cold.serve.engine_backend import EngineBackend
 
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for name, value in [("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens", max_tokens),
-                            ("--max-body-bytes", max_body_bytes)]:
-            if value < 1:
-                raise ColdError(f"{name} must be >= 1, got {value}")
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ColdError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
-        if adapter:
-            adapters = parse_adapter_specs(adapter)
-        else:
-            demo = demo_adapter_dir(model)
-            adapters = {demo.name: str(demo)} if demo else {}
-            if demo is None and model in DEMO_ADAPTERS:
-                err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
-                          "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
-                          "Give an adapter with --adapter NAME=DIR.")
-        if engine_name is EngineName.vllm:
-            from cold.serve.vllm_backend import serve_vllm
-
-            refuse_kv_dtype_on_vllm(kv_dtype)
-            serve_vllm(model, adapters, host=host, port=port, model_name=model_name or _model_id(model), dtype=dtype,
-                       max_batch=max_batch, max_tokens=max_tokens, log_level=log_level, api_key=api_key)
-            return
         with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
-            engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
+            backend = EngineBackend(Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype))
+    try:
         config = ServerConfig(
             model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
             max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
             max_body_bytes=max_body_bytes,
         )
-        app = create_app(engine, config)
-        ids = ", ".join([config.model_name, *engine.adapter_names])
-        err.print(f"Serving model ids {ids} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+        app = create_app(backend, config)
+        ids = ", ".join([config.model_name, *backend.adapter_names])
+        err.print(f"Serving model ids {ids} on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
+                  + (" (vLLM engine)" if engine_name is EngineName.vllm else ""))
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
-    except ColdError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    finally:
+        backend.close()
 
 
 def _model_id(model: str) -> str:

@@ -1,17 +1,21 @@
-"""OpenAI-compatible HTTP API over the CoLD engine (FastAPI; run it with `cold serve`).
+"""The OpenAI-compatible HTTP API (FastAPI; run it with `cold serve`) over a decoding backend.
 
     app = create_app(Engine.load("smollm2", {"gsm8k": "adapters/smollm2-gsm8k"}), ServerConfig())
+    app = create_app(VllmBackend.load("smollm2", {...}), ServerConfig())     # CoLD inside vLLM
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics. The model id picks the network: an adapter's name decodes with that adapter as
 the expert (decoder "cold" by default), the base model's name (or "base") decodes with the
 base model alone (decoder "base" by default). CoLD fields `decoder`, `alpha`, `beta`,
-`scoring`, `top_k` and `expert_scale` ride along in the JSON body.
+`scoring`, `top_k`, `expert_scale`, `amateur` and `amateur_scale` ride along in the JSON body.
 
-Every request becomes one `Job` per choice; a single scheduler thread (`server_scheduler`) owns
-the engine and decodes all jobs together with continuous batching. Each HTTP call waits on its
-own asyncio queue, which the scheduler feeds through `loop.call_soon_threadsafe`.
+Everything HTTP happens here, once for every backend: the API key, body limits, model ids,
+prompt and context checks, response and stream shapes, usage, metrics and error responses. The
+backend (`cold.serve.backend.Backend`: an `Engine` is wrapped in `EngineBackend`) builds the
+requests and the thread that decodes them. Every request becomes one `Job` per choice; each HTTP
+call waits on its own asyncio queue, which the decode thread feeds through
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold.errors import ColdError
+from cold.serve.backend import Backend, DecodeThread, Job, JobFailed, QueueFull
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import (
     ApiError,
@@ -42,7 +47,6 @@ from cold.serve.protocol import (
     parse,
     refuse_unsupported,
 )
-from cold.serve.scheduler import Job, JobFailed, QueueFull, Scheduler
 
 log = logging.getLogger("cold.serve.app")
 
@@ -68,24 +72,28 @@ class _Prompt:
     text: str  # for echo
 
 
-def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving `engine`; its scheduler thread runs while the app's lifespan does."""
+def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
+    """A FastAPI app serving `backend` (a `Backend`, or an `Engine`); its decode thread runs while the app's lifespan does."""
     config = config or ServerConfig()
-    clash = {config.model_name, BASE_ALIAS} & set(engine.adapter_names)
+    if not isinstance(backend, Backend):
+        from cold.serve.engine_backend import EngineBackend
+
+        backend = EngineBackend(backend)
+    clash = {config.model_name, BASE_ALIAS} & set(backend.adapter_names)
     if clash:
         raise ColdError(f"adapter name {clash.pop()!r} clashes with the base model's id; rename the adapter")
     metrics = Metrics()
-    scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics)
-    server = _Server(engine, config, scheduler, metrics)
+    worker = backend.worker(max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics)
+    server = _Server(backend, config, worker, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
-        log.info("serving %s with adapters: %s", config.model_name, ", ".join(engine.adapter_names) or "none")
+        worker.start()
+        log.info("serving %s with adapters: %s", config.model_name, ", ".join(backend.adapter_names) or "none")
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.stop)
+            await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="cold", description="OpenAI-compatible API over Contrastive LoRA Decoding",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -132,35 +140,25 @@ def _error_response(request: Request, exc: ApiError, logged: bool = False) -> JS
 
 
 class _Server:
-    def __init__(self, engine, config: ServerConfig, scheduler: Scheduler, metrics: Metrics):
-        self.engine = engine
+    def __init__(self, backend: Backend, config: ServerConfig, worker: DecodeThread, metrics: Metrics):
+        self.backend = backend
         self.config = config
-        self.scheduler = scheduler
+        self.worker = worker
         self.metrics = metrics
         self.created = int(time.time())
-        self.vocab_size = min(len(engine.tokenizer), engine.model.get_input_embeddings().num_embeddings)
+        self.max_n = min(config.max_n, backend.max_n or config.max_n)
 
     # ---- endpoints ----------------------------------------------------------------------
 
     @_guarded
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = parse(CompletionRequest, await self._read_body(request))
-        adapter = self._resolve_model(body.model)
-        refuse_unsupported(body, self.config.max_n)
-        self._check_amateur(body)
-        params = decode_params(body, adapter)
+        body, params = await self._accept(request, CompletionRequest)
         prompts = self._completion_prompts(body.prompt)
         return await self._generate(request, "completion", body, prompts, params, body.max_tokens, bool(body.echo))
 
     @_guarded
     async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = parse(ChatRequest, await self._read_body(request))
-        adapter = self._resolve_model(body.model)
-        refuse_unsupported(body, self.config.max_n)
-        self._check_amateur(body)
-        params = decode_params(body, adapter)
+        body, params = await self._accept(request, ChatRequest)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens",
@@ -173,15 +171,15 @@ class _Server:
         self._authorize(request)
         card = lambda id_, parent: {"id": id_, "object": "model", "created": self.created,  # noqa: E731
                                     "owned_by": "cold", "root": id_, "parent": parent}
-        data = [card(self.config.model_name, None)] + [card(a, self.config.model_name) for a in self.engine.adapter_names]
+        data = [card(self.config.model_name, None)] + [card(a, self.config.model_name) for a in self.backend.adapter_names]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        ok = self.scheduler.alive
+        ok = self.worker.alive
         return JSONResponse(
-            {"status": "ok" if ok else "unavailable", "model": self.config.model_name,
-             "adapters": self.engine.adapter_names, "running": self.scheduler.running,
-             "queued": self.scheduler.queued, "max_batch": self.config.max_batch, "max_queue": self.config.max_queue},
+            {"status": "ok" if ok else "unavailable", "engine": self.backend.name, "model": self.config.model_name,
+             "adapters": self.backend.adapter_names, "running": self.worker.running,
+             "queued": self.worker.queued, "max_batch": self.config.max_batch, "max_queue": self.config.max_queue},
             status_code=200 if ok else 503,
         )
 
@@ -189,6 +187,14 @@ class _Server:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- request checks -----------------------------------------------------------------
+
+    async def _accept(self, request: Request, kind: type) -> tuple:
+        """The checked body of a generation request and its DecodeParams (ApiError when refused)."""
+        self._authorize(request)
+        body = parse(kind, await self._read_body(request))
+        adapter = self._resolve_model(body.model)
+        self._refuse(body)
+        return body, decode_params(body, adapter)
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -218,16 +224,18 @@ class _Server:
         """The adapter a model id selects (None: the base model); 404 for ids not served."""
         if model in (self.config.model_name, BASE_ALIAS):
             return None
-        if model in self.engine.adapter_names:
+        if model in self.backend.adapter_names:
             return model
-        served = ", ".join([self.config.model_name, *self.engine.adapter_names])
+        served = ", ".join([self.config.model_name, *self.backend.adapter_names])
         raise ApiError(404, f"the model {model!r} does not exist on this server; served models: {served}",
                        param="model", code="model_not_found")
 
-    def _check_amateur(self, body) -> None:
-        """400 when the request's `amateur` is not a served adapter's id."""
-        if body.amateur is not None and body.amateur not in self.engine.adapter_names:
-            served = ", ".join(self.engine.adapter_names) or "none"
+    def _refuse(self, body) -> None:
+        """400 for what this server or its backend does not offer, and for an `amateur` that is not a served adapter's id."""
+        refuse_unsupported(body, self.max_n)
+        self.backend.refuse(body)
+        if body.amateur is not None and body.amateur not in self.backend.adapter_names:
+            served = ", ".join(self.backend.adapter_names) or "none"
             raise ApiError(400, f"amateur {body.amateur!r} is not an adapter on this server; adapters: {served}",
                            param="amateur", code="invalid_value")
 
@@ -241,17 +249,18 @@ class _Server:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append(_Prompt(self.engine.encode(p)[1], p))
+                out.append(_Prompt(self.backend.encode(p), p))
             else:
-                bad = [t for t in p if not 0 <= t < self.vocab_size]
+                vocab = self.backend.vocab_size
+                bad = [t for t in p if not 0 <= t < vocab]
                 if bad:
-                    raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                    raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                    param="prompt", code="invalid_value")
-                out.append(_Prompt(list(p), self.engine.tokenizer.decode(p)))
+                out.append(_Prompt(list(p), self.backend.tokenizer.decode(p)))
         return out
 
     def _chat_prompt(self, messages: list[dict]) -> _Prompt:
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.backend.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", code="invalid_value")
         try:
@@ -261,9 +270,9 @@ class _Server:
                            code="invalid_value") from None
         return _Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
 
-    def _engine_requests(self, prompts: list[_Prompt], params, max_tokens: int | None, n: int) -> list:
-        """One engine request per choice (prompt-major, n per prompt), sized against the context."""
-        context = self.engine.base.context_length
+    def _requests(self, prompts: list[_Prompt], params, max_tokens: int | None, n: int) -> list:
+        """One backend request per choice (prompt-major, n per prompt), sized against the context."""
+        context = self.backend.context_length
         limit = self.config.max_prompt_tokens
         requests = []
         for prompt in prompts:
@@ -282,7 +291,7 @@ class _Server:
                                f"max_tokens asks for {new} more", param="max_tokens", code="context_length_exceeded")
             for j in range(n):
                 seed = (params.seed + j) % 2**63 if params.seed is not None else None
-                requests.append(self.engine.make_request(prompt.ids, params.with_(max_new_tokens=new, seed=seed)))
+                requests.append(self.backend.make_request(prompt.ids, params.with_(max_new_tokens=new, seed=seed)))
         return requests
 
     # ---- generation ---------------------------------------------------------------------
@@ -294,25 +303,25 @@ class _Server:
         if len(prompts) * n > self.config.max_queue:  # could never be queued: not worth a retry
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more sequences than this server queues "
                            f"({self.config.max_queue}); split the request", param="prompt", code="invalid_value")
-        engine_requests = self._engine_requests(prompts, params, max_tokens, n)
+        requests = self._requests(prompts, params, max_tokens, n)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def sink(index: int):
             return lambda item: loop.call_soon_threadsafe(queue.put_nowait, (index, item))
 
-        jobs = [Job(request=r, deliver=sink(i), index=i) for i, r in enumerate(engine_requests)]
+        jobs = [Job(request=r, deliver=sink(i), index=i) for i, r in enumerate(requests)]
         try:
-            self.scheduler.submit(jobs)
+            self.worker.submit(jobs)
         except QueueFull as exc:
             raise ApiError(503, str(exc), code="queue_full") from None
-        prompt_tokens = sum(len(r.prompt_ids) for r in engine_requests)
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         call = _Call(kind, body.model, jobs, queue, prompt_tokens, start, self.metrics,
-                     [prompts[i // n].text if echo else "" for i in range(len(jobs))])
+                     [prompts[i // n].text if echo else "" for i in range(len(jobs))], self.backend.token_ids_in_choices)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _JobStream(self._stream(request, call, include_usage), lambda: self.scheduler.cancel(call.jobs),
+            return _JobStream(self._stream(request, call, include_usage), lambda: self.worker.cancel(call.jobs),
                               media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._complete(request, call)
@@ -326,12 +335,12 @@ class _Server:
                     log.info("%s %s: client went away; dropping its %d sequence(s)",
                              request.method, request.url.path, len(call.jobs))
                     return Response(status_code=499)
-                if isinstance(item, JobFailed):  # the scheduler has logged it
-                    return _error_response(request, ApiError(item.status, item.message), logged=True)
+                if isinstance(item, JobFailed):  # the decode thread has logged it
+                    return _error_response(request, _job_error(item), logged=True)
                 call.add(index, item)
         finally:
             watcher.cancel()
-            self.scheduler.cancel(call.jobs)
+            self.worker.cancel(call.jobs)
         return JSONResponse(call.response())
 
     async def _stream(self, request: Request, call: "_Call", include_usage: bool):
@@ -341,8 +350,8 @@ class _Server:
                 yield _sse(chunk)
             while not call.finished:
                 index, item = await call.queue.get()
-                if isinstance(item, JobFailed):  # the scheduler has logged it
-                    yield _sse(ApiError(item.status, item.message).body())
+                if isinstance(item, JobFailed):  # the decode thread has logged it
+                    yield _sse(_job_error(item).body())
                     break
                 chunk = call.add(index, item)
                 if chunk is not None:
@@ -356,7 +365,7 @@ class _Server:
         finally:
             if not call.finished:
                 log.info("%s %s: stream closed early; dropping its sequence(s)", request.method, request.url.path)
-            self.scheduler.cancel(call.jobs)
+            self.worker.cancel(call.jobs)
 
 
 class _JobStream(StreamingResponse):
@@ -376,14 +385,15 @@ class _JobStream(StreamingResponse):
 class _Call:
     """The state of one generation request: its jobs, their texts so far, and the OpenAI shapes."""
 
-    def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes):
+    def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes, token_ids_in_choices=False):
         self.kind, self.model, self.jobs, self.queue = kind, model, jobs, queue
         self.prompt_tokens, self.start, self.metrics = prompt_tokens, start, metrics
+        self.token_ids_in_choices = token_ids_in_choices
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.texts = list(echoes)
         self.echoes = echoes  # streamed with the first chunk of each choice
-        self.tokens = [0] * len(jobs)
+        self.token_ids: list[list[int]] = [[] for _ in jobs]
         self.reasons: list[str | None] = [None] * len(jobs)
         self.remaining = len(jobs)
         self.first_seen = False
@@ -393,12 +403,12 @@ class _Call:
         return self.remaining == 0
 
     def add(self, index: int, event) -> dict | None:
-        """Account one StreamEvent; return the stream chunk for it (None if it carries nothing)."""
+        """Account one delivery (a StreamEvent); return the stream chunk for it (None if it carries nothing)."""
         if not self.first_seen and event.text:
             self.first_seen = True
             self.metrics.first_token_seconds.observe(time.perf_counter() - self.start)
         self.texts[index] += event.text
-        self.tokens[index] += len(event.token_ids)
+        self.token_ids[index] += event.token_ids
         if event.finish_reason is not None:
             self.reasons[index] = event.finish_reason
             self.remaining -= 1
@@ -428,7 +438,7 @@ class _Call:
         return out
 
     def usage(self) -> dict:
-        completion = sum(self.tokens)
+        completion = sum(map(len, self.token_ids))
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
@@ -441,8 +451,15 @@ class _Call:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
             obj = "text_completion"
+        if self.token_ids_in_choices:
+            for choice, ids in zip(choices, self.token_ids):
+                choice["token_ids"] = ids
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+
+def _job_error(failed: JobFailed) -> ApiError:
+    return ApiError(failed.status, failed.message, code=failed.code)
 
 
 def _sse(payload: dict) -> str:

@@ -1,4 +1,4 @@
-"""The server's decode loop: one thread owns the engine and runs continuous batching.
+"""The engine's decode thread: one thread owns the engine and runs continuous batching.
 
     scheduler = Scheduler(engine, max_batch=32, max_queue=256)
     scheduler.start()
@@ -14,123 +14,37 @@ The engine is never touched from any other thread while the scheduler runs.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from cold.decoding.running import RunningBatch
+from cold.serve.backend import DecodeThread, Job, JobFailed, QueueFull, deliver
 from cold.serve.metrics import Metrics
+
+__all__ = ["Job", "JobFailed", "QueueFull", "Scheduler"]
 
 log = logging.getLogger("cold.serve.app")
 
-_keys = itertools.count()
 
+class Scheduler(DecodeThread):
+    thread_name = "cold-scheduler"
 
-class QueueFull(Exception):
-    """More jobs wait than the server accepts."""
-
-
-@dataclass(eq=False)
-class Job:
-    """One sequence to decode for a client.
-
-    deliver(item) is called from the scheduler thread with a `cold.decoding.engine.StreamEvent`, or with a
-    `JobFailed` when the job cannot finish; it must not block.
-    """
-
-    request: object  # cold.decoding.engine.Request
-    deliver: Callable[[object], None]
-    index: int = 0  # the choice index within its HTTP request
-    key: int = field(default_factory=lambda: next(_keys))
-    done: bool = False  # finished, failed or cancelled: no more deliveries
-
-
-@dataclass
-class JobFailed:
-    message: str
-    status: int = 500  # the HTTP status to answer with: 500 engine failure, 503 shutting down
-
-
-class Scheduler:
     def __init__(self, engine, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        super().__init__(max_queue, metrics)
         self.engine = engine
         self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.metrics = metrics or Metrics()
-        self._cond = threading.Condition()
-        self._pending: deque[Job] = deque()  # waiting to join, oldest first
         self._cancelled: set[int] = set()  # keys of live jobs to drop before the next step
         self._live: dict[int, Job] = {}  # key -> job in the running batch (scheduler thread only)
-        self._running = 0  # len(self._live), readable from other threads
-        self._stopping = False
-        self._thread: threading.Thread | None = None
 
-    # ---- any thread ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="cold-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (all or none); QueueFull when they do not fit."""
-        with self._cond:
-            if not self.alive:
-                raise QueueFull("the server is shutting down")
-            if len(self._pending) + len(jobs) > self.max_queue:
-                raise QueueFull(
-                    f"the request queue is full ({len(self._pending)} waiting, at most {self.max_queue}); retry later"
-                )
-            self._pending.extend(jobs)
-            self.metrics.queue_length.set(len(self._pending))
-            self._cond.notify_all()
-
-    def cancel(self, jobs: list[Job]) -> None:
-        """Forget jobs whose client went away: queued ones never start, running ones free their rows."""
-        with self._cond:
-            mine = {j.key for j in jobs if not j.done}
-            if not mine:
-                return
-            kept = [j for j in self._pending if j.key not in mine]
-            for j in self._pending:
-                if j.key in mine:
-                    j.done = True
-                    self.metrics.cancelled.inc()
-            self._pending = deque(kept)
-            self.metrics.queue_length.set(len(self._pending))
-            self._cancelled |= {j.key for j in jobs if not j.done}
-            self._cond.notify_all()
+    def _cancel_running(self, keys: set[int]) -> None:
+        self._cancelled |= keys
 
     # ---- scheduler thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
-        batch = RunningBatch(self.engine)
+        batch = RunningBatch(self.engine.runner)
         while True:
             with self._cond:
                 while not (self._stopping or self._pending or self._live or self._cancelled):
@@ -155,16 +69,14 @@ class Scheduler:
                 for job in [*self._live.values(), *joining]:
                     self._fail(job, f"internal error while decoding: {type(exc).__name__}: {exc}")
                 self._live.clear()
-                batch = RunningBatch(self.engine)
+                batch = RunningBatch(self.engine.runner)
             self._running = len(self._live)
             self.metrics.running.set(self._running)
-        with self._cond:  # shutting down: nobody will decode what is left
-            leftover = [*self._pending, *self._live.values()]
-            self._pending.clear()
-        for job in leftover:
-            self._fail(job, "the server is shutting down", 503)
+
+    def _leftover(self) -> list[Job]:
+        jobs = list(self._live.values())
         self._live.clear()
-        self._running = 0
+        return jobs
 
     def _drop(self, batch: RunningBatch, keys: list[int]) -> None:
         if not keys:
@@ -196,16 +108,5 @@ class Scheduler:
             if event.finish_reason is not None:
                 del self._live[key]
                 job.done = True
-            _deliver(job, event)
+            deliver(job, event)
 
-    def _fail(self, job: Job, message: str, status: int = 500) -> None:
-        if not job.done:
-            job.done = True
-            _deliver(job, JobFailed(message, status))
-
-
-def _deliver(job: Job, item) -> None:
-    try:
-        job.deliver(item)
-    except Exception:  # the client's event loop is gone: nothing to tell
-        log.debug("could not deliver to job %s", job.key, exc_info=True)

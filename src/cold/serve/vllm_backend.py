@@ -1,211 +1,139 @@
-"""`cold serve --engine vllm`: an OpenAI-compatible HTTP API whose CoLD runs inside vLLM.
+"""The backend whose CoLD runs inside vLLM (`cold serve --engine vllm`): batch-synchronous decoding with `cold.vllm.generate`.
 
-Batch-synchronous, on purpose: one worker thread owns the `vllm.LLM`. It takes every request
-that has arrived (up to `max_batch` prompts), groups them by decoding settings and decodes each
-group with `cold.vllm.generate` (pairs added while vLLM's scheduler is paused, so they are
-admitted together); requests arriving meanwhile wait for the next round. That keeps every pair in
-step by construction; the price is that a new request does not join a running batch mid-way (the
-default engine's `cold serve` does; see docs/vllm.md for what continuous batching would need).
+    backend = VllmBackend.load("smollm2", {"smollm2-gsm8k": "path/to/lora"}, dtype="float32")
+    app = create_app(backend, ServerConfig(model_name="smollm2"))
 
-Request bodies are parsed by `cold.serve.protocol` (the same fields and errors as `cold serve`).
-Not offered here: streaming, n > 1, expert_scale, amateur / amateur_scale; they are refused with a 400 that names them.
+One worker thread owns the `vllm.LLM`. It takes every job that has arrived (up to `max_batch`),
+groups them by decoding settings and decodes each group with one `cold.vllm.generate` call (pairs
+added while vLLM's scheduler is paused, so they are admitted together); jobs arriving meanwhile
+wait for the next round, so a new request does not join a running batch mid-way. Each job gets
+its whole answer as one delivery.
+
+Not offered: streaming, n > 1, expert_scale, amateur / amateur_scale; each is a 400 that names it.
+Importing this module does not import vLLM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
-import time
-import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
 from cold.errors import ColdError
-from cold.serve.protocol import (ApiError, ChatRequest, CompletionRequest, chat_messages, decode_params, parse,
-                                  refuse_unsupported)
+from cold.serve.backend import Backend, DecodeThread, Job, deliver
+from cold.serve.metrics import Metrics
+from cold.serve.protocol import ApiError
 
 log = logging.getLogger("cold.serve.vllm_backend")
-BASE_ALIAS = "base"
 
 
 @dataclass
-class _Job:
-    ids: list[int]
-    params: object  # cold.params.DecodeParams
-    max_tokens: int
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    group: tuple = field(init=False)
+class VllmRequest:
+    prompt_ids: list[int]
+    params: object  # cold.params.DecodeParams, max_new_tokens set
+    group: tuple = field(init=False)  # requests with equal groups are decoded by one generate() call
 
     def __post_init__(self):
         p = self.params
         self.group = (p.decoder, p.alpha, p.beta, p.scoring, p.stop, p.do_sample, p.temperature, p.top_k, p.top_p,
-                      p.seed, self.max_tokens)
-
-    def resolve(self, result) -> None:
-        method = self.future.set_exception if isinstance(result, BaseException) else self.future.set_result
-        self.loop.call_soon_threadsafe(lambda: None if self.future.done() else method(result))
+                      p.seed, p.max_new_tokens)
 
 
-class Worker(threading.Thread):
-    """Owns the LLM: drains the queue, decodes each settings group with `cold.vllm.generate`."""
+class VllmBackend(Backend):
+    name = "vllm"
+    max_n = 1
+    token_ids_in_choices = True
 
-    def __init__(self, llm, lora, max_batch: int):
-        super().__init__(name="cold-vllm-worker", daemon=True)
-        self.llm, self.lora, self.max_batch = llm, lora, max_batch
-        self.jobs: queue.Queue = queue.Queue()
-        self.running = True
+    def __init__(self, llm, lora, on_close=None):
+        """`lora` is the LoRARequest served under its name (None: the base model only)."""
+        self.llm, self.lora, self.on_close = llm, lora, on_close
+        self.tokenizer = llm.get_tokenizer()
+        model_config = llm.llm_engine.vllm_config.model_config
+        self.context_length = model_config.max_model_len
+        self.vocab_size = min(len(self.tokenizer), model_config.get_vocab_size())
+        self.adapter_names = [lora.lora_name] if lora is not None else []
 
-    def run(self) -> None:
-        while self.running:
-            try:
-                batch = [self.jobs.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            groups: dict[tuple, list[_Job]] = {}
-            for job in batch:
-                groups.setdefault(job.group, []).append(job)
-            for jobs in groups.values():
-                self._decode(jobs)
+    @classmethod
+    def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32") -> VllmBackend:
+        """Start vLLM with the (single) adapter; `close()` shuts it down."""
+        from cold.vllm.generator import VllmGenerator
 
-    def _decode(self, jobs: list[_Job]) -> None:
-        from cold.vllm.generate import generate
+        generator = VllmGenerator(model, adapters, dtype)
+        return cls(generator.llm, generator.lora, on_close=generator.close)
 
-        p = jobs[0].params
-        try:
-            out = generate(self.llm, [j.ids for j in jobs], self.lora, decoder=p.decoder, alpha=p.alpha, beta=p.beta,
-                           scoring=p.scoring, max_tokens=jobs[0].max_tokens, stop=p.stop, do_sample=p.do_sample,
-                           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
-        except ColdError as exc:
-            log.error("vLLM decoding failed: %s", exc)
-            out = [ApiError(500, str(exc), code="cold_pair_failed")] * len(jobs)
-        except Exception as exc:  # noqa: BLE001 - the thread must keep serving
-            log.exception("vLLM decoding failed")
-            out = [ApiError(500, f"vLLM failed: {type(exc).__name__}: {exc}")] * len(jobs)
-        for job, result in zip(jobs, out):
-            job.resolve(result)
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
 
-def create_app(llm, lora, model_name: str, max_batch: int = 64, default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI app; `lora` is the LoRARequest served under its name (CoLD by default)."""
-    worker = Worker(llm, lora, max_batch)
-    tokenizer = llm.get_tokenizer()
-    context = llm.llm_engine.vllm_config.model_config.max_model_len
-    adapters = [lora.lora_name] if lora is not None else []
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        worker.start()
-        yield
-        worker.running = False
-
-    app = FastAPI(title="cold (vLLM engine)", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    def resolve_model(model: str) -> str | None:
-        if model in (model_name, BASE_ALIAS):
-            return None
-        if model in adapters:
-            return model
-        raise ApiError(404, f"the model {model!r} does not exist on this server; served models: "
-                       f"{', '.join([model_name, *adapters])}", param="model", code="model_not_found")
-
-    def checked(body) -> tuple[object, int]:
-        refuse_unsupported(body, max_n=1)
+    def refuse(self, body) -> None:
         if body.stream:
             raise ApiError(400, "stream is not supported by `cold serve --engine vllm`", param="stream", code="unsupported_parameter")
         if body.expert_scale not in (None, 1, 1.0):
             raise ApiError(400, "expert_scale is not supported by the vLLM engine", param="expert_scale", code="unsupported_parameter")
-        for field in ("amateur", "amateur_scale"):
-            if getattr(body, field) is not None:
-                raise ApiError(400, f"{field} is not supported by the vLLM engine", param=field, code="unsupported_parameter")
-        params = decode_params(body, resolve_model(body.model))
+        for name in ("amateur", "amateur_scale"):
+            if getattr(body, name) is not None:
+                raise ApiError(400, f"{name} is not supported by the vLLM engine", param=name, code="unsupported_parameter")
+
+    def make_request(self, prompt_ids: list[int], params) -> VllmRequest:
+        params.validate()
+        return VllmRequest(list(prompt_ids), params)
+
+    def worker(self, max_batch: int, max_queue: int, metrics: Metrics) -> VllmWorker:
+        return VllmWorker(self.llm, self.lora, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+
+
+class VllmWorker(DecodeThread):
+    """Owns the LLM: takes the queued jobs, decodes each settings group with `cold.vllm.generate`."""
+
+    thread_name = "cold-vllm-worker"
+
+    def __init__(self, llm, lora, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        super().__init__(max_queue, metrics)
+        self.llm, self.lora, self.max_batch = llm, lora, max_batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                self.metrics.queue_length.set(len(self._pending))
+                self._running = len(batch)
+            self.metrics.running.set(self._running)
+            groups: dict[tuple, list[Job]] = {}
+            for job in batch:
+                groups.setdefault(job.request.group, []).append(job)
+            for jobs in groups.values():
+                self._decode(jobs)
+            self._running = 0
+            self.metrics.running.set(0)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        from cold.vllm.generate import generate
+
+        p = jobs[0].request.params
         try:
-            params.validate()
+            out = generate(self.llm, [j.request.prompt_ids for j in jobs], self.lora, decoder=p.decoder, alpha=p.alpha,
+                           beta=p.beta, scoring=p.scoring, max_tokens=p.max_new_tokens, stop=p.stop,
+                           do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         except ColdError as exc:
-            raise ApiError(400, str(exc), code="invalid_value") from None
-        return params, getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
-
-    async def run(ids: list[int], params, max_tokens: int):
-        if not ids:
-            raise ApiError(400, "a prompt is empty (no tokens)", param="prompt", code="invalid_value")
-        if len(ids) + max_tokens > context:
-            raise ApiError(400, f"this model's context is {context} tokens; the prompt has {len(ids)} tokens and "
-                           f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
-        loop = asyncio.get_running_loop()
-        job = _Job(ids, params, max_tokens, loop.create_future(), loop)
-        worker.jobs.put(job)
-        result = await job.future
-        return result
-
-    def usage(ids, g) -> dict:
-        return {"prompt_tokens": len(ids), "completion_tokens": len(g.token_ids), "total_tokens": len(ids) + len(g.token_ids)}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = parse(CompletionRequest, await request.body())
-        params, max_tokens = checked(body)
-        prompt = body.prompt
-        if not isinstance(prompt, str) and not (prompt and isinstance(prompt[0], int)):
-            raise ApiError(400, "send one prompt per request to the vLLM engine", param="prompt", code="invalid_value")
-        ids = tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        g = await run(ids, params, max_tokens)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason,
-                                                  "logprobs": None, "token_ids": g.token_ids}],
-                "usage": usage(ids, g)}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = parse(ChatRequest, await request.body())
-        params, max_tokens = checked(body)
-        text = tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        g = await run(ids, params, max_tokens)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                                                  "finish_reason": g.finish_reason, "token_ids": g.token_ids}],
-                "usage": usage(ids, g)}
-
-    @app.get("/v1/models")
-    async def models():
-        ids = [model_name, *adapters]
-        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "cold"} for m in ids]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "engine": "vllm", "queued": worker.jobs.qsize()}
-
-    return app
-
-
-def serve_vllm(model: str, adapters: dict[str, str], *, host: str, port: int, model_name: str, dtype: str,
-               max_batch: int, max_tokens: int, log_level: str, api_key: str | None) -> None:
-    """Start vLLM with the (single) adapter and serve the app with uvicorn until interrupted."""
-    import uvicorn
-
-    from cold.vllm.generator import VllmGenerator
-
-    if api_key:
-        raise ColdError("--api-key is not supported with --engine vllm yet; put the server behind a proxy that checks keys")
-    generator = VllmGenerator(model, adapters, dtype)
-    try:
-        app = create_app(generator.llm, generator.lora, model_name, max_batch=max_batch, default_max_tokens=max_tokens)
-        ids = ", ".join([model_name, *([generator.lora.lora_name] if generator.lora else [])])
-        log.warning("serving model ids %s on http://%s:%s/v1 (vLLM engine)", ids, host, port)
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
-    finally:
-        generator.close()
+            log.error("vLLM decoding failed: %s", exc)
+            for job in jobs:
+                self._fail(job, str(exc), code="cold_pair_failed")
+            return
+        except Exception as exc:  # noqa: BLE001 - the thread must keep serving
+            log.exception("vLLM decoding failed")
+            for job in jobs:
+                self._fail(job, f"vLLM failed: {type(exc).__name__}: {exc}")
+            return
+        for job, generation in zip(jobs, out):  # a Generation: text, token_ids, finish_reason
+            self.metrics.completion_tokens.inc(len(generation.token_ids))
+            if not job.done:
+                job.done = True
+                deliver(job, generation)
