@@ -14,6 +14,13 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from cold.lora.layer import uninstall_adapters
 from cold.load.models import BaseModel, load_base
+from cold.runner.rows import layout_of
+
+def prefill(engine, requests):
+    """(layout, batch state) of the runner's prefill of `requests` (room for their max_new_tokens)."""
+    layout = layout_of(requests, engine.device)
+    return layout, engine.runner.prefill([r.prompt_ids for r in requests], layout, max(r.params.max_new_tokens for r in requests))
+
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

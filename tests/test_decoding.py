@@ -190,7 +190,7 @@ def test_sequences_joining_and_leaving_a_running_batch_decode_as_alone(engine):
 
     plan = [(PROMPTS[0], "cold"), (PROMPTS[1], "expert"), (PROMPTS[2], "cold"), (PROMPTS[3], "base")]
     requests = [engine.make_request(p, DecodeParams(decoder=d, max_new_tokens=NEW)) for p, d in plan]
-    batch = RunningBatch(engine)
+    batch = RunningBatch(engine.runner)
     ids = {k: [] for k in range(4)}
     batch.join(requests[:2], [0, 1])
     for _ in range(3):
@@ -216,7 +216,7 @@ def test_late_joiners_decode_as_alone(engine):
     from cold.decoding.running import RunningBatch
 
     requests = [engine.make_request(p, DecodeParams(decoder="cold", max_new_tokens=NEW)) for p in PROMPTS]
-    batch = RunningBatch(engine)
+    batch = RunningBatch(engine.runner)
     ids = {k: [] for k in range(len(PROMPTS))}
     batch.join(requests[:1], [0])
     for step in range(NEW):
@@ -238,18 +238,18 @@ def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, fo
     """Logit-form CoLD computes the amateur (and the score) on the plausible columns only; every
     entry must still equal the score rule applied to both rows' full logits."""
     from cold.sampling import scoring
-    from cold.runner.rows import RowLayout
     from cold.params import DecodeParams
+    from cold.sampling.sampler import Sampler
+    from conftest import prefill
 
     settings = [("cold", 0.1, 0.5, "logit"), ("expert", 0.1, 0.5, "logit"), ("cold", 0.01, 1.0, forms[0]),
                 ("base", 0.1, 0.5, "logit"), ("cold", 0.3, 2.0, forms[1])]
     requests = [engine.make_request(PROMPTS[i % len(PROMPTS)], DecodeParams(decoder=d, alpha=a, beta=b, scoring=f))
                 for i, (d, a, b, f) in enumerate(settings)]
-    layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
     with torch.inference_mode():
-        hidden, *_ = engine.prefill(requests, layout)
-        got = engine.scores(hidden, layout, requests)
-        full = engine.logits(hidden, layout)  # [R, V] every row's full logits
+        layout, state = prefill(engine, requests)
+        got = engine.runner.scores(state, Sampler.build([r.params for r in requests], engine.device))
+        full = engine.runner.logits(state.hidden, layout)  # [R, V] every row's full logits
     for s, (decoder, alpha, beta, form) in enumerate(settings):
         expert = full[layout.expert_row[s]][None]
         if decoder != "cold":

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from cold.load.adapters import read_adapter
-from cold.runner.rows import RowLayout
 from cold.load.demo import demo_adapter_dir
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
-from conftest import make_lora
+from conftest import make_lora, prefill
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +22,11 @@ def tiny_adapter(tiny, tmp_path_factory):
 def _prefill_and_step(engine: Engine, prompts):
     """(cache after one decode step, hidden states [R, H] of that step) of a CoLD batch."""
     requests = engine.make_requests(prompts, None, False, dict(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=8))
-    layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
     with torch.inference_mode():
-        _, cache, mask, positions = engine.prefill(requests, layout)
+        layout, state = prefill(engine, requests)
+        cache, mask, positions = state.cache, state.attention_mask, state.positions
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        hidden = engine.forward(layout, torch.tensor([[7]] * len(layout.rows)), mask, positions[:, None], cache)
+        hidden = engine.runner.forward(layout, torch.tensor([[7]] * len(layout.rows)), mask, positions[:, None], cache)
     return cache, hidden
 
 

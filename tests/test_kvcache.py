@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold.decoding import engine as engine_module
+from cold.runner import model_runner as runner_module
 from cold.load.adapters import read_adapter
-from cold.runner.rows import RowLayout
 from cold.decoding.engine import Engine
 from cold.runner.kvcache import GrowingLayer
 from cold.decoding.running import RunningBatch
-from conftest import make_lora
+from conftest import make_lora, prefill
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def _tokens(engine: Engine, **params) -> list[list[int]]:
 def test_decoding_never_reallocates_and_every_layer_shares_one_block(tiny, adapter):
     engine = Engine(tiny, [adapter])
     requests = engine.make_requests(PROMPTS, None, False, dict(decoder="cold", max_new_tokens=12))
-    batch = RunningBatch(engine)
+    batch = RunningBatch(engine.runner)
     batch.join(requests, [0, 1, 2])
     layers = batch.cache.layers
     assert all(isinstance(layer, GrowingLayer) for layer in layers)
@@ -49,7 +48,7 @@ def test_rows_leaving_keep_the_room_and_the_rest_decodes_as_before(tiny, adapter
     params = dict(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=10)
     alone = _tokens(Engine(tiny, [adapter]), **params)
     engine = Engine(tiny, [adapter])
-    batch = RunningBatch(engine)
+    batch = RunningBatch(engine.runner)
     batch.join(engine.make_requests(PROMPTS, None, False, {**params, "ignore_eos": True}), [0, 1, 2])
     out = {0: [], 1: [], 2: []}
     for step in range(10):
@@ -65,22 +64,21 @@ def test_rows_leaving_keep_the_room_and_the_rest_decodes_as_before(tiny, adapter
 def test_prefill_in_chunks_of_columns_gives_the_same_tokens(tiny, adapter, monkeypatch):
     for params in (dict(decoder="cold", alpha=0.1, beta=0.5), dict(decoder="expert"), dict(decoder="cold", num_beams=2)):
         whole = _tokens(Engine(tiny, [adapter]), max_new_tokens=10, **params)
-        monkeypatch.setattr(engine_module, "PREFILL_POSITIONS", 8)  # 6 rows of 7 columns: chunks of 1 column
+        monkeypatch.setattr(runner_module, "PREFILL_POSITIONS", 8)  # 6 rows of 7 columns: chunks of 1 column
         chunked = _tokens(Engine(tiny, [adapter]), max_new_tokens=10, **params)
         monkeypatch.undo()
         assert chunked == whole, params
 
 
 def test_chunked_prefill_hidden_states_match_one_pass(tiny, adapter, monkeypatch):
-    def prefill(engine: Engine) -> torch.Tensor:
+    def prefill_once(engine: Engine) -> torch.Tensor:
         requests = engine.make_requests(PROMPTS, None, False, dict(decoder="cold", max_new_tokens=4))
-        layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
         with torch.inference_mode():
-            hidden, cache, _, _ = engine.prefill(requests, layout)
-        return hidden, cache.layers[-1].keys
+            _, state = prefill(engine, requests)
+        return state.hidden, state.cache.layers[-1].keys
 
-    whole = prefill(Engine(tiny, [adapter]))
-    monkeypatch.setattr(engine_module, "PREFILL_POSITIONS", 12)  # chunks of 2 columns
-    chunked = prefill(Engine(tiny, [adapter]))
+    whole = prefill_once(Engine(tiny, [adapter]))
+    monkeypatch.setattr(runner_module, "PREFILL_POSITIONS", 12)  # chunks of 2 columns
+    chunked = prefill_once(Engine(tiny, [adapter]))
     for a, b in zip(whole, chunked):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

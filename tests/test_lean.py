@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from cold.load.adapters import read_adapter
-from cold.runner.rows import RowLayout
 from cold.load.demo import demo_adapter_dir
 from cold.decoding.engine import Engine
 from cold.load.models import BaseModel
-from conftest import make_lora
+from conftest import make_lora, prefill
 
 DECODERS = ("base", "expert", "cold")
 
@@ -52,12 +51,12 @@ def test_one_lean_step_matches_the_reference_forward(tiny, tiny_adapters):
     def one_step(engine: Engine) -> torch.Tensor:  # hidden states [R, H] after one decode step
         params = dict(decoder="cold", alpha=0.1, beta=0.5, expert_scale=1.5, max_new_tokens=8)
         requests = engine.make_requests(prompts, None, False, params)
-        layout = RowLayout.build(engine.row_specs(requests), len(requests), engine.device)
         with torch.inference_mode():
-            _, cache, mask, positions = engine.prefill(requests, layout)
+            layout, state = prefill(engine, requests)
+            cache, mask, positions = state.cache, state.attention_mask, state.positions
             tokens = torch.tensor([[7]] * len(layout.rows))
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            return engine.forward(layout, tokens, mask, positions[:, None], cache)
+            return engine.runner.forward(layout, tokens, mask, positions[:, None], cache)
 
     lean, reference = _both(tiny, tiny_adapters[:1], one_step)
     assert torch.allclose(lean, reference, atol=1e-5, rtol=1e-4)

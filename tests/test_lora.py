@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from cold.load.adapters import read_adapter
 from cold.runner.rows import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.decoding.engine import Engine
-from cold.lora.layer import RowLoRALinear, RowSelection, lora_delta_gathered, lora_delta_reference, lora_delta_single
+from cold.lora.layer import RowLoRALinear
+from cold.lora.ops import lora_delta_gathered, lora_delta_reference, lora_delta_single
+from cold.lora.routing import RowSelection
 from conftest import ALL_LINEAR, make_lora
 
 
@@ -67,7 +69,7 @@ def _rows_logits(engine: Engine, prompts: list[list[int]], specs: list[RowSpec])
     layout = RowLayout.build(specs, max(s.seq for s in specs) + 1, engine.device)
     ids, mask, pos = left_pad([prompts[s.seq] for s in specs], engine.pad_id, engine.device)
     with torch.no_grad():
-        return engine.logits(engine.forward(layout, ids, mask, pos, cache=None), layout)
+        return engine.runner.logits(engine.runner.forward(layout, ids, mask, pos, cache=None), layout)
 
 
 def _peft_last_logits(peft_model, prompt: list[int], adapter: str | None) -> torch.Tensor:

@@ -357,7 +357,7 @@ def small(tiny_dir):
 @pytest.fixture
 def slow_steps(small):
     """Every forward pass of the small server's engine waits `delay` seconds, or for `gate` when closed."""
-    original = small.engine.forward
+    original = small.engine.runner.forward
     control = {"delay": 0.0, "gate": threading.Event(), "entered": threading.Event()}
     control["gate"].set()
 
@@ -367,10 +367,10 @@ def slow_steps(small):
         time.sleep(control["delay"])
         return original(*args, **kwargs)
 
-    small.engine.forward = forward
+    small.engine.runner.forward = forward
     yield control
     control["gate"].set()
-    del small.engine.forward
+    del small.engine.runner.forward
 
 
 def test_no_adapter_means_cold_is_a_clear_400(small):
@@ -429,7 +429,7 @@ def test_client_disconnect_frees_its_rows(small, slow_steps):
 
 def test_engine_failure_is_500_and_the_server_keeps_serving(small):
     client = small.client(key=None)
-    original = small.engine.forward
+    original = small.engine.runner.forward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -438,12 +438,12 @@ def test_engine_failure_is_500_and_the_server_keeps_serving(small):
             raise RuntimeError("simulated device failure")
         return original(*args, **kwargs)
 
-    small.engine.forward = flaky
+    small.engine.runner.forward = flaky
     try:
         err = error_of(lambda: client.completions.create(model="plain", prompt=PROMPT, max_tokens=5))
         assert err.status_code == 500 and "simulated device failure" in err.message
     finally:
-        del small.engine.forward
+        del small.engine.runner.forward
     assert small.health()["status"] == "ok"
     assert client.completions.create(model="plain", prompt=PROMPT, max_tokens=5).usage.completion_tokens == 5
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 
 from cold.errors import ColdError
-from cold.sampling.scoring import SCORING_FORMS
 
-DECODERS = ("cold", "expert", "base")
+DECODERS = ("cold", "expert", "base")  # the only list of decoders
+SCORING_FORMS = ("logit", "logprob")  # the only list of CoLD score forms (cold.sampling.scoring)
 
 
 class EngineName(str, Enum):

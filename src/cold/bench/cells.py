@@ -145,7 +145,7 @@ class EngineRunner:
         from cold.decoding.running import RunningBatch
 
         requests = [self.engine.make_request(p, self.params) for p in prompts]
-        self.batch = RunningBatch(self.engine)
+        self.batch = RunningBatch(self.engine.runner)
         self.batch.join(requests, list(range(len(requests))))
         self.tokens = [[] for _ in prompts]
 
@@ -429,7 +429,7 @@ def decode_refilling(engine, questions: list[str], params, batch_size: int) -> t
 
     requests = [engine.make_request(q, params, chat=True) for q in questions]
     lengths, reasons = [0] * len(requests), [""] * len(requests)
-    batch, joined, steps = RunningBatch(engine), 0, 0
+    batch, joined, steps = RunningBatch(engine.runner), 0, 0
     while joined < len(requests) or len(batch):
         free = min(batch_size - len(batch), len(requests) - joined)
         if free > 0:

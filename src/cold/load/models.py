@@ -89,3 +89,16 @@ def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: st
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=model, tokenizer=tokenizer, source=str(source), path=path)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id the model's configs or tokenizer name as end-of-sequence."""
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    if not ids:
+        raise ColdError("the model defines no end-of-sequence token")
+    return ids

@@ -1,4 +1,4 @@
-"""Row-indexed LoRA: one copy of the base weights, a LoRA delta only for the rows that ask for it.
+"""Row-indexed LoRA layers: one copy of the base weights, a LoRA delta only for the rows that ask for it.
 
 In every adapted linear layer
 
@@ -6,77 +6,22 @@ In every adapted linear layer
 
 where the adapters are stacked (A: [n_adapters, r_max, in], B: [n_adapters, out, r_max], each
 B pre-multiplied by its adapter's lora_alpha/r scale) and `row_scale` is 0 for rows that run the
-bare base model (the amateur rows of CoLD), 1 for a plain expert row, or any other factor (an
-adapter scaled up or down). This is the batched-gather LoRA op (BGMV) of multi-LoRA servers.
-
-`lora_delta_reference` is the readable definition; the layer uses `lora_delta_single` when all
-adapted rows share one adapter (two plain matmuls on the run of rows that holds them, so CoLD's
-amateur rows, laid out after the experts, skip the LoRA: the common CoLD case) and
-`lora_delta_gathered` (one gather, two batched matmuls) otherwise; tests check all three agree.
+bare base model (the amateur rows of CoLD), 1 for a plain expert row, or any other factor.
+The rows' adapters and scales come from the model's shared `RowSelection` (`cold.lora.routing`);
+the delta is one of the ops of `cold.lora.ops`: `lora_delta_single` on the run of rows that holds
+every adapted row when they share one adapter (CoLD's amateur rows, laid out after the experts,
+skip the LoRA), `lora_delta_gathered` otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from cold.load.adapters import LoraAdapter, check_adapter_fits
 from cold.errors import ColdError
-
-
-@dataclass
-class RowSelection:
-    """Which adapter (index into the stack, -1 for none) and what scale each batch row uses.
-
-    Shared by all `RowLoRALinear` layers of one model; the engine sets it before a forward pass.
-    """
-
-    adapter: torch.Tensor | None = None  # [R] long, -1 = base weights only
-    scale: torch.Tensor | None = None  # [R] float, 0 where adapter == -1
-    single: int | None = None  # the one adapter all adapted rows use (-1: none), None if several
-    span: slice = field(default_factory=lambda: slice(None))  # rows holding every adapted row; others skip LoRA
-
-    def set(self, adapter: torch.Tensor, scale: torch.Tensor, single: int | None = None, span: slice | None = None) -> None:
-        """`single`: pass the adapter index when every row with adapter >= 0 uses it (fast path);
-        `span`: rows outside it must have adapter -1 (CoLD's amateur rows come after the experts)."""
-        self.adapter, self.scale = adapter, torch.where(adapter >= 0, scale, torch.zeros_like(scale))
-        self.single = single
-        self.span = slice(None) if span is None else span
-
-    def clear(self) -> None:
-        self.adapter = self.scale = self.single = None
-        self.span = slice(None)
-
-
-def lora_delta_reference(x, lora_a, lora_b, row_adapter, row_scale):
-    """Plain definition, one row at a time.
-
-    x: [R, T, in]; lora_a: [n, r, in]; lora_b: [n, out, r] (scale folded in);
-    row_adapter: [R] long (-1 = none); row_scale: [R]. Returns [R, T, out].
-    """
-    out = x.new_zeros(x.shape[0], x.shape[1], lora_b.shape[1])
-    for row in range(x.shape[0]):
-        k = int(row_adapter[row])
-        if k >= 0:
-            out[row] = row_scale[row] * ((x[row] @ lora_a[k].T) @ lora_b[k].T)
-    return out
-
-
-def lora_delta_single(x, lora_a, lora_b, adapter: int, row_scale):
-    """Same result when every adapted row uses adapter `adapter`: no gather, two plain matmuls."""
-    h = (x @ lora_a[adapter].T) * row_scale.to(x.dtype)[:, None, None]  # [R, T, r]
-    return h @ lora_b[adapter].T  # [R, T, out]
-
-
-def lora_delta_gathered(x, lora_a, lora_b, row_adapter, row_scale):
-    """Same result as `lora_delta_reference` with one gather and two batched matmuls."""
-    k = row_adapter.clamp(min=0)
-    a = lora_a[k]  # [R, r, in]
-    b = lora_b[k]  # [R, out, r]
-    h = torch.bmm(x, a.transpose(1, 2)) * row_scale.to(x.dtype)[:, None, None]  # [R, T, r]
-    return torch.bmm(h, b.transpose(1, 2))  # [R, T, out]
+from cold.load.adapters import LoraAdapter, check_adapter_fits
+from cold.lora.ops import lora_delta_gathered, lora_delta_single
+from cold.lora.routing import RowSelection
 
 
 class RowLoRALinear(nn.Module):

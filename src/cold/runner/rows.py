@@ -2,16 +2,20 @@
 
 A CoLD sequence owns two rows of the model batch, an expert row and an amateur row; an
 `expert` or `base` sequence owns one. Rows are laid out as all expert rows (one per sequence,
-in sequence order) followed by the amateur rows of the contrastive sequences.
+in sequence order) followed by the amateur rows of the contrastive sequences, so the adapted
+rows form one run that the LoRA layers can restrict themselves to. Every tensor a step needs
+is built here once per layout, not per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 EXPERT, AMATEUR = "expert", "amateur"
+ROLES = (EXPERT, AMATEUR)
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,10 @@ class RowLayout:
     expert_row: torch.Tensor  # [S] row index of each sequence's expert row
     amateur_row: torch.Tensor  # [S] row index of its amateur row (its expert row if it has none)
     adapter: torch.Tensor  # [R] long
-    scale: torch.Tensor  # [R] float
+    scale: torch.Tensor  # [R] float, 0 where adapter == -1
     single_adapter: int | None  # the only adapter any row uses (-1: no row uses one), None if several
-
-    @property
-    def adapted_span(self) -> slice:
-        """Rows [start, stop) holding every adapted row: with experts first, the amateurs skip the LoRA."""
-        return _adapted_span(self.rows)
+    row_seq: torch.Tensor = field(default=None)  # [R] long: the sequence of each row
+    adapted_span: slice = field(default_factory=lambda: slice(0, 0))  # rows [start, stop) holding every adapted row
 
     @classmethod
     def build(cls, rows: list[RowSpec], num_seqs: int, device) -> "RowLayout":
@@ -46,22 +47,39 @@ class RowLayout:
             else:
                 amateur[row.seq] = index
         amateur = [e if a is None else a for e, a in zip(expert, amateur)]
+        return cls._of(rows, torch.tensor(expert, dtype=torch.long, device=device),
+                       torch.tensor(amateur, dtype=torch.long, device=device), device)
+
+    @classmethod
+    def _of(cls, rows: list[RowSpec], expert_row, amateur_row, device) -> "RowLayout":
+        adapter = torch.tensor([r.adapter for r in rows], dtype=torch.long, device=device)
+        scale = torch.tensor([r.scale if r.adapter >= 0 else 0.0 for r in rows], dtype=torch.float32, device=device)
         return cls(
-            rows=rows,
-            expert_row=torch.tensor(expert, dtype=torch.long, device=device),
-            amateur_row=torch.tensor(amateur, dtype=torch.long, device=device),
-            adapter=torch.tensor([r.adapter for r in rows], dtype=torch.long, device=device),
-            scale=torch.tensor([r.scale for r in rows], dtype=torch.float32, device=device),
+            rows=rows, expert_row=expert_row, amateur_row=amateur_row, adapter=adapter, scale=scale,
             single_adapter=_single_adapter(rows),
+            row_seq=torch.tensor([r.seq for r in rows], dtype=torch.long, device=device),
+            adapted_span=_adapted_span(rows),
         )
 
     def subset(self, rows: torch.Tensor) -> "RowLayout":
         """The adapter selection of some rows (for running only those rows through a layer)."""
         picked = [self.rows[i] for i in rows.tolist()]
-        return RowLayout(
-            rows=picked, expert_row=self.expert_row, amateur_row=self.amateur_row,
-            adapter=self.adapter[rows], scale=self.scale[rows], single_adapter=_single_adapter(picked),
-        )
+        return RowLayout._of(picked, self.expert_row, self.amateur_row, self.adapter.device)
+
+    @cached_property
+    def experts(self) -> "RowLayout":
+        """The adapter selection of the expert rows, in sequence order (for the LM head)."""
+        return self.subset(self.expert_row)
+
+    @cached_property
+    def role_rows(self) -> torch.Tensor:
+        """[2, S]: the row of (role, sequence), role 0 expert, 1 amateur (its expert row if it has none)."""
+        return torch.stack([self.expert_row, self.amateur_row])
+
+    @cached_property
+    def row_role(self) -> torch.Tensor:
+        """[R] long: 0 for an expert row, 1 for an amateur row."""
+        return torch.tensor([ROLES.index(r.role) for r in self.rows], dtype=torch.long, device=self.row_seq.device)
 
     def keep(self, kept_seqs: list[int], device) -> tuple["RowLayout", torch.Tensor]:
         """Layout for a subset of sequences (renumbered 0..), and the old row index of each new row."""
@@ -70,6 +88,36 @@ class RowLayout:
         old_rows = torch.tensor([i for i, _ in kept], dtype=torch.long, device=device)
         rows = [RowSpec(renumber[r.seq], r.role, r.adapter, r.scale) for _, r in kept]
         return RowLayout.build(rows, len(kept_seqs), device), old_rows
+
+    def merged(self, other: "RowLayout", device) -> "RowLayout":
+        """This layout's rows followed by `other`'s, whose sequences come after this one's."""
+        offset = len(self.expert_row)
+        rows = self.rows + [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.rows]
+        return RowLayout.build(rows, offset + len(other.expert_row), device)
+
+    def repeated(self, times: int, device) -> "RowLayout":
+        """Each row becomes `times` consecutive rows; sequence s becomes sequences s*times + b (beams)."""
+        rows = [RowSpec(r.seq * times + b, r.role, r.adapter, r.scale) for r in self.rows for b in range(times)]
+        return RowLayout.build(rows, len(self.expert_row) * times, device)
+
+
+def row_specs(requests) -> list[RowSpec]:
+    """The rows of some requests (`cold.types.Request`): expert rows of all sequences, then amateur
+    rows of the contrastive ones."""
+    rows = []
+    for s, r in enumerate(requests):
+        scale = r.params.expert_scale if r.expert_adapter >= 0 else 0.0
+        rows.append(RowSpec(s, EXPERT, r.expert_adapter, scale))
+    for s, r in enumerate(requests):
+        if r.params.contrastive:
+            scale = r.params.amateur_scale if r.amateur_adapter >= 0 else 0.0
+            rows.append(RowSpec(s, AMATEUR, r.amateur_adapter, scale))
+    return rows
+
+
+def layout_of(requests, device) -> RowLayout:
+    """The row layout of a batch of requests."""
+    return RowLayout.build(row_specs(requests), len(requests), device)
 
 
 def _adapted_span(rows: list[RowSpec]) -> slice:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-SCORING_FORMS = ("logit", "logprob")
+from cold.params import SCORING_FORMS
+
 NEG_INF = float("-inf")
 
 
@@ -90,9 +91,13 @@ def pick_sample(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """[S] sampled index from softmax(score / temperature) after top-k and top-p."""
+    return torch.multinomial(sample_probs(score, temperature, top_k, top_p), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sample_probs(score: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[S, V] float32 probabilities to sample from: softmax(score / temperature) after top-k and top-p."""
     warped = apply_top_p(apply_top_k(apply_temperature(score, temperature), top_k), top_p)
-    probs = torch.softmax(warped.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.softmax(warped.float(), dim=-1)
 
 
 def beam_log_probs(score: torch.Tensor) -> torch.Tensor:

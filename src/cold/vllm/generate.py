@@ -27,7 +27,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.decoding.engine import Generation, encode_prompt
+from cold.load.prompts import encode_prompt
+from cold.types import Generation
 from cold.errors import ColdError
 from cold.params import DecodeParams
 from cold.vllm.pairs import PairTag, check_pair

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cold.sampling.scoring import SCORING_FORMS
+from cold.params import SCORING_FORMS
 
 TAG = "cold"
 ROLES = ("expert", "amateur")

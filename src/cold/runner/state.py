@@ -1,0 +1,75 @@
+"""The state of a batch between decode steps: its row layout, KV cache, attention mask, positions
+and last hidden states. Made by `ModelRunner.prefill`; changed only by the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cold.runner.rows import RowLayout
+
+SPARE_COLUMNS = 64  # extra mask columns allocated whenever the mask must grow
+
+
+class GrowingMask:
+    """An attention mask [R, L] (1 = real token) with spare columns, so a step appends in place."""
+
+    def __init__(self, mask: torch.Tensor, capacity: int = 0):
+        rows, length = mask.shape
+        self._buffer = mask.new_zeros(rows, max(capacity, length + 1))
+        self._buffer[:, :length] = mask
+        self.length = length
+
+    @property
+    def view(self) -> torch.Tensor:
+        """[R, L] the filled columns."""
+        return self._buffer[:, : self.length]
+
+    @property
+    def rows(self) -> int:
+        return self._buffer.shape[0]
+
+    def append_real(self) -> None:
+        """Add one column of real tokens (every row's new token)."""
+        if self.length == self._buffer.shape[1]:
+            grown = self._buffer.new_zeros(self.rows, self.length + SPARE_COLUMNS)
+            grown[:, : self.length] = self._buffer
+            self._buffer = grown
+        self._buffer[:, self.length] = 1
+        self.length += 1
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (in that order), and the spare room."""
+        self._buffer = self._buffer[rows]
+
+    def repeat_rows(self, times: int) -> None:
+        self._buffer = self._buffer.repeat_interleave(times, dim=0)
+
+    def drop_leading(self, columns: int) -> None:
+        self._buffer = self._buffer[:, columns:]
+        self.length -= columns
+
+    def left_padded(self, length: int) -> torch.Tensor:
+        """[R, length] the mask with masked-out columns added on the left."""
+        view = self.view
+        return torch.cat([view.new_zeros(self.rows, length - self.length), view], dim=1)
+
+
+@dataclass
+class BatchState:
+    layout: RowLayout
+    cache: DynamicCache
+    mask: GrowingMask  # [R, L]
+    positions: torch.Tensor  # [R] position of each row's next token
+    hidden: torch.Tensor  # [R, H] last hidden state of each row, not yet scored
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.mask.view
+
+    @property
+    def sliding(self) -> bool:
+        """Whether the cache has sliding-window layers (Gemma), whose rows cannot be left-padded into line."""
+        return any(layer.is_sliding for layer in self.cache.layers)

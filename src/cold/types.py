@@ -1,0 +1,39 @@
+"""What goes into and comes out of decoding: a checked request, a finished generation, a stream event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cold.params import DecodeParams
+
+
+@dataclass
+class Request:
+    """One prompt, tokenised, with validated parameters resolved against the loaded adapters."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: DecodeParams
+    expert_adapter: int = -1  # adapter stack index of the expert row (-1: the base model)
+    amateur_adapter: int = -1  # of the amateur row (-1: the base model)
+
+
+@dataclass
+class Generation:
+    """The result for one prompt."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]  # generated ids only (an EOS that ended the text included)
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens)
+    prompt_tokens: int
+
+
+@dataclass
+class StreamEvent:
+    """New output of one prompt after a decode step."""
+
+    index: int  # which prompt of the call
+    text: str  # text produced since the last event of this prompt
+    token_ids: list[int]  # ids produced since the last event of this prompt
+    finish_reason: str | None = None  # set on the prompt's last event
