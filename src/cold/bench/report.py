@@ -181,7 +181,7 @@ def print_report(report: dict, console: Console) -> None:
         table.add_row(*[_cell(row, key, fmt) for _, key, fmt in COLUMNS])
     console.print(table)
     if report["targets"]:
-        t = Table(title="issue 4 targets", header_style="bold")
+        t = Table(title="speed targets", header_style="bold")
         for name in ("target", "value", "limit", "ok"):
             t.add_column(name, justify="left" if name == "target" else "right")
         for goal in report["targets"]:
@@ -202,7 +202,7 @@ def _markdown_table(report: dict, header: list[str], columns) -> list[str]:
 def markdown(report: dict) -> str:
     lines = _markdown_table(report, header_lines(report), COLUMNS)
     if report["targets"]:
-        lines += ["", "| issue 4 target | value | limit | met |", "|---|---|---|---|"]
+        lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
         for goal in report["targets"]:
             lines.append(f"| {goal['target']} | {goal['value']:.2f} | {goal['limit']} | {'yes' if goal['ok'] else 'no'} |")
     return "\n".join(lines) + "\n"

@@ -1,22 +1,19 @@
 """A KV cache that appends in place instead of re-concatenating the whole cache every step.
 
 transformers' `DynamicLayer` grows by `torch.cat`, which copies the full cache of every layer at
-every decode step (O(length) per step; at batch 16 it was a quarter of the step time here).
-`GrowingLayer` keeps a buffer with spare capacity and writes the new column into it; `keys` and
-`values` are views of the filled part, so everything that reads or reassigns them (merging
-batches, trimming padding) works unchanged.
+every decode step. `GrowingLayer` keeps a buffer with spare capacity and writes the new column
+into it; `keys` and `values` are views of the filled part, so everything that reads or reassigns
+them (merging batches, trimming padding) works unchanged.
 
-A static cache for the usual case: the prefill reserves room for the whole generation
-(`new_cache(..., reserve=prompt + max new tokens)`), and the first buffers of every layer are
-views of one block (`_Block`), allocated once. So a batch that only decodes never reallocates:
-no copy of the cache, and no freed buffers left behind in the memory allocator (at batch 16 they
-held about as much resident memory as the cache itself). One large block is mapped by the
-operating system on its own: its pages become resident only as columns are written, and it is
-returned whole when the cache is freed. Row selection and beam reordering keep the spare room.
+The prefill reserves room for the whole generation (`new_cache(..., reserve=prompt + max new
+tokens)`), and the first buffers of every layer are views of one block (`_Block`), allocated
+once: a batch that only decodes never reallocates or copies its cache, and the memory is handed
+back whole when the cache is freed. Row selection and beam reordering keep the spare room.
 
 The buffers may hold a narrower dtype than the model computes in (`new_cache(config, dtype)`,
 e.g. bfloat16 under a float32 model: half the cache memory); keys and values are rounded to it
-when written, and attention (`cold.runner.attention`, `cold.runner.llama_step`) computes in the cache's dtype.
+when written, and attention (`cold.runner.attention`, `cold.runner.llama_step`) computes in the
+cache's dtype.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""A lean decode step for Llama-family models: the same arithmetic in far fewer tensor calls.
+"""The fused decode step for Llama-family models: the same arithmetic as transformers' forward in
+far fewer tensor calls.
 
-At batch 1 a decode step of the 135M default model spends about a third of its time in
-transformers' and PyTorch's per-call overhead (~100 small tensor calls per layer). This module
-runs one decode step (one new token per row) through the transformer body directly:
+One decode step (one new token per row) runs through the transformer body directly:
 
-- the base weights are the model's own tensors, used in place (fusing q/k/v into one matrix
-  would copy them: +0.5 GB resident here, for no measurable gain);
+- the base weights are the model's own tensors, used in place (never copied or fused);
 - the LoRA A matrices of q/k/v (of gate/up) are stacked, so each group costs one A matmul and
   one row-scale multiply, and each member one in-place `addmm_` of its B, on the adapted rows
   only (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);

@@ -1,0 +1,97 @@
+"""The package's layout: imports point only down, and front-ends never import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cold
+
+PACKAGE = Path(cold.__file__).parent
+
+# Core layers, lowest first: a module may import its own layer and the layers before it.
+CORE = ["errors", "params", "types", "load", "lora", "sampling", "runner", "decoding"]
+# Front-ends import the core; besides it, each may import only the front-ends named here.
+FRONT_ENDS = {
+    "tasks": set(),
+    "vllm": set(),
+    "evaluation": {"tasks"},
+    "training": {"tasks"},
+    "bench": {"tasks"},
+    "serve": {"vllm"},
+    "cli": {"tasks", "vllm", "evaluation", "training", "bench", "serve"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the cold modules it imports anywhere (module level or inside functions)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "cold":
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)  # `from cold.x import y` may import module y
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.split(".")[0] == "cold")
+        graph[name] = found
+    return {name: {m for m in found if m in graph and m != name} for name, found in graph.items()}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_every_module_belongs_to_a_known_layer():
+    unknown = {m for m in _imports() if m != "cold" and _top(m) not in CORE and _top(m) not in FRONT_ENDS}
+    assert not unknown
+
+
+def test_core_imports_point_only_down():
+    wrong = []
+    for module, imported in _imports().items():
+        if _top(module) in CORE:
+            for target in imported:
+                if _top(target) not in CORE or CORE.index(_top(target)) > CORE.index(_top(module)):
+                    wrong.append((module, target))
+    assert not wrong
+
+
+def test_front_ends_import_the_core_and_never_another_front_end_unless_below_it():
+    wrong = []
+    for module, imported in _imports().items():
+        top = _top(module)
+        if top in FRONT_ENDS:
+            for target in imported:
+                other = _top(target)
+                if other in FRONT_ENDS and other != top and other not in FRONT_ENDS[top]:
+                    wrong.append((module, target))
+    assert not wrong
+
+
+def test_no_import_circle():
+    graph = _imports()
+    # a package's __init__ is imported by each of its modules, so it may not import them back
+    done, on_path, circles = set(), [], []
+
+    def visit(module):
+        if module in on_path:
+            circles.append(on_path[on_path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        on_path.append(module)
+        for target in sorted(graph[module]):
+            visit(target)
+        on_path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert not circles
