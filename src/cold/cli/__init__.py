@@ -1,18 +1,28 @@
-"""`cold` on the command line."""
+"""`cold` on the command line: one Typer app and its commands, one module each.
+
+    generate.py  `cold generate`: complete prompts (CoLD, the adapted model alone, the base model alone)
+    serve.py     `cold serve`: the OpenAI-compatible HTTP server
+    bench.py     `cold bench`: decode speed of CoLD and its baselines (the machinery: cold.bench)
+    train.py     `cold train`: train a LoRA adapter (cold.training)
+    eval.py      `cold eval`: several decoders on a task's problems, accuracy side by side (cold.evaluation)
+    tune.py      `cold tune`: choose alpha, beta and the LoRA scale on a tuning split
+    eval_run.py  what eval and tune share: their options, the problems, the run directory, the records
+    common.py    what every command shares: the consoles, the ColdError -> exit 2 wrapper, shared options
+
+Commands import `common` (and eval/tune `eval_run`), never each other; nothing outside `cold.cli` imports it.
+Each command imports torch, transformers or vLLM only when it runs, so that `cold --help` stays fast.
+"""
 
 from __future__ import annotations
 
-import json
-import sys
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
-from rich.console import Console
 
-from cold.errors import ColdError
-from cold.params import EngineName
+from cold.cli.bench import bench_command
+from cold.cli.eval import eval_command
+from cold.cli.generate import generate
+from cold.cli.serve import serve
+from cold.cli.train import train
+from cold.cli.tune import tune_command
 
 app = typer.Typer(
     help="Contrastive LoRA Decoding (CoLD): decode with a LoRA adapter contrasted against its base model.",
@@ -20,8 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
 
 
 @app.callback()
@@ -29,232 +37,9 @@ def _commands() -> None:
     """Contrastive LoRA Decoding (CoLD): decode with a LoRA adapter contrasted against its base model."""
 
 
-class Decoder(str, Enum):
-    cold = "cold"
-    expert = "expert"
-    base = "base"
-
-
-class Scoring(str, Enum):
-    logit = "logit"
-    logprob = "logprob"
-
-
-def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}."""
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        if not name or not path:
-            raise ColdError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
-        if name in adapters:
-            raise ColdError(f"--adapter: the name {name!r} is given twice")
-        adapters[name] = path
-    return adapters
-
-
-def default_adapters(model: str, decoder: str) -> dict[str, str]:
-    """The built-in demo adapter of a built-in model, when no adapter was given."""
-    from cold.load.demo import demo_adapter_dir
-
-    if decoder == "base":
-        return {}
-    path = demo_adapter_dir(model)
-    return {path.name: str(path)} if path else {}
-
-
-def read_prompts(prompts: list[str], input_file: Optional[Path], field: str) -> list[str]:
-    """Prompts from arguments, a JSONL file (or `-` for stdin), or piped stdin lines."""
-    found = list(prompts)
-    if input_file is not None:
-        handle = sys.stdin if str(input_file) == "-" else _open(input_file)
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                found.append(_prompt_from_line(line, field, f"{input_file}:{number}"))
-    elif not found and not sys.stdin.isatty():
-        found = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not found:
-        raise ColdError("no prompt given: pass PROMPT arguments, --input FILE.jsonl, or pipe prompts on stdin")
-    return found
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise ColdError(f"--input {path}: file not found")
-    return path.open(encoding="utf-8")
-
-
-def _prompt_from_line(line: str, field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ColdError(f"{where}: not valid JSON ({exc.msg})") from exc
-    if isinstance(record, str):
-        return record
-    if isinstance(record, dict) and isinstance(record.get(field), str):
-        return record[field]
-    raise ColdError(f"{where}: expected a JSON string or an object with a string field {field!r}")
-
-
-@app.command()
-def generate(
-    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to complete (or use --input, or pipe them on stdin, one per line).")] = None,
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
-    adapter: Annotated[Optional[list[str]], typer.Option(help="PEFT LoRA adapter as DIR or NAME=DIR; repeat for several. Default: the built-in demo adapter of a built-in model.")] = None,
-    use: Annotated[Optional[str], typer.Option(help="Name of the adapter the expert uses when several are loaded.")] = None,
-    decoder: Annotated[Decoder, typer.Option(help="cold: expert contrasted with base; expert: adapter alone; base: base model alone.")] = Decoder.cold,
-    alpha: Annotated[float, typer.Option(help="CoLD plausibility threshold in (0, 1]: keep tokens with p >= alpha * max p of the expert.")] = 0.1,
-    beta: Annotated[float, typer.Option(help="CoLD contrast strength >= 0 (0 = plain expert decoding).")] = 0.5,
-    scoring: Annotated[Scoring, typer.Option(help="logit: (1+beta)s_e - beta s_a; logprob: log p_e - beta/(1+beta) log p_a (Li et al.).")] = Scoring.logit,
-    expert_scale: Annotated[float, typer.Option(help="Multiply the adapter's LoRA scale on the expert (1 = as trained).")] = 1.0,
-    amateur: Annotated[Optional[str], typer.Option(help="--decoder cold: name of a loaded adapter (--adapter NAME=DIR) to be the amateur instead of the bare base model, e.g. an earlier snapshot of the expert's training.")] = None,
-    amateur_scale: Annotated[Optional[float], typer.Option(help="--decoder cold: LoRA scale on the amateur row: of --amateur's adapter (default 1), or, alone, of the expert's own adapter (default: no adapter, the base model).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many new tokens.")] = 128,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeat for several); not included in the output.")] = None,
-    sample: Annotated[bool, typer.Option("--sample", help="Sample from the score instead of taking the best token.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k best tokens (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample among the best tokens holding this much probability.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")] = None,
-    num_beams: Annotated[int, typer.Option(help="Beam search with this many beams (1 = off).")] = 1,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template (instruct models need it).")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is produced.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt (per event with --stream).")] = False,
-    input_file: Annotated[Optional[Path], typer.Option("--input", help="JSONL file of prompts (strings or objects with --field); '-' for stdin.")] = None,
-    field: Annotated[str, typer.Option(help="Field holding the prompt in --input objects.")] = "prompt",
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together in one batch.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
-    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
-) -> None:
-    """Complete prompts with CoLD, the adapted model alone, or the base model alone.
-
-    Examples:
-
-      cold generate --chat "What is 15% of 80?"
-
-      cold generate --decoder expert --adapter my-lora/ --json -n 64 "Once upon a time"
-
-      cat prompts.txt | cold generate --chat --stream --beta 0.25
-
-      cold generate --adapter final=runs/mine --adapter early=runs/mine/step-100 --use final --amateur early "Q: ..."
-    """
-    try:
-        from cold.params import DecodeParams, amateur_fields
-
-        if (amateur is not None or amateur_scale is not None) and decoder is not Decoder.cold:
-            raise ColdError("--amateur and --amateur-scale apply to --decoder cold only")
-        params = DecodeParams(
-            decoder=decoder.value, adapter=use, expert_scale=expert_scale, alpha=alpha, beta=beta,
-            **amateur_fields(amateur, amateur_scale),
-            scoring=scoring.value, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, num_beams=num_beams, max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
-        ).validate()
-        if batch_size < 1:
-            raise ColdError(f"--batch-size must be >= 1, got {batch_size}")
-        texts = read_prompts(prompts or [], input_file, field)
-        adapters = parse_adapter_specs(adapter) if adapter else default_adapters(model, params.decoder)
-        if engine_name is EngineName.vllm:
-            from cold.vllm.generator import VllmGenerator, check_supported
-
-            check_supported(params, use, stream, device)
-            refuse_kv_dtype_on_vllm(kv_dtype)
-            with err.status(f"Starting vLLM with {model}" + (f" and adapter {', '.join(adapters)}" if adapters else "") + " …"):
-                generator = VllmGenerator(model, adapters, dtype)
-            try:
-                _print_batches(generator, texts, params, chat, as_json, batch_size)
-            finally:
-                generator.close()
-            return
-        engine = _load_engine(model, adapters, device, dtype, kv_dtype)
-        if stream:
-            _print_streams(engine, texts, params, chat, as_json)
-        else:
-            _print_batches(engine, texts, params, chat, as_json, batch_size)
-    except ColdError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _load_engine(model: str, adapters: dict[str, str], device: str, dtype: str, kv_dtype: str | None):
-    from cold.decoding.engine import Engine
-
-    with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
-        return Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
-
-
-def refuse_kv_dtype_on_vllm(kv_dtype: str | None) -> None:
-    if kv_dtype is not None:
-        raise ColdError("--kv-dtype applies to --engine cold; vLLM sizes and types its own KV cache")
-
-
-def _print_batches(engine, texts, params, chat, as_json, batch_size) -> None:
-    from rich.progress import Progress
-
-    with Progress(console=err, transient=True, disable=len(texts) <= batch_size) as progress:
-        task = progress.add_task("Generating", total=len(texts))
-        for start in range(0, len(texts), batch_size):
-            for g in engine.generate(texts[start : start + batch_size], params, chat=chat):
-                if as_json:
-                    out.print_json(json.dumps(_generation_record(g)), indent=None)
-                else:
-                    out.rule(f"[dim]{g.prompt}", align="left")
-                    out.print(g.text, markup=False)
-                    err.print(f"[dim]({len(g.token_ids)} tokens, finish_reason={g.finish_reason})")
-                progress.advance(task)
-
-
-def _print_streams(engine, texts, params, chat, as_json) -> None:
-    for index, text in enumerate(texts):
-        if not as_json:
-            out.rule(f"[dim]{text}", align="left")
-        for event in engine.stream([text], params, chat=chat):
-            if as_json:
-                record = {"index": index, "text": event.text, "token_ids": event.token_ids, "finish_reason": event.finish_reason}
-                out.print_json(json.dumps(record), indent=None)
-            else:
-                out.print(event.text, end="", markup=False)
-                if event.finish_reason:
-                    out.print()
-                    err.print(f"[dim](finish_reason={event.finish_reason})")
-
-
-def _generation_record(g) -> dict:
-    return {
-        "prompt": g.prompt,
-        "text": g.text,
-        "token_ids": g.token_ids,
-        "finish_reason": g.finish_reason,
-        "prompt_tokens": g.prompt_tokens,
-        "completion_tokens": len(g.token_ids),
-    }
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-# ---- further commands, each in its own module ------------------------------------------------
-
-from cold.cli.serve import serve as _serve  # noqa: E402
-
-app.command("serve")(_serve)
-
-from cold.bench.run import bench_command as _bench  # noqa: E402
-
-app.command("bench")(_bench)
-
-from cold.cli.train import train as _train  # noqa: E402
-
-app.command("train")(_train)
-
-from cold.cli.eval import eval_command as _eval  # noqa: E402
-
-app.command("eval")(_eval)
-
-from cold.cli.tune import tune_command as _tune  # noqa: E402
-
-app.command("tune")(_tune)
+app.command("generate")(generate)
+app.command("serve")(serve)
+app.command("bench")(bench_command)
+app.command("train")(train)
+app.command("eval")(eval_command)
+app.command("tune")(tune_command)

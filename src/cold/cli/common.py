@@ -1,4 +1,4 @@
-"""What every `cold` command shares: the consoles, the one ColdError -> exit 2 wrapper, adapter options.
+"""What every `cold` command shares: the consoles, the one ColdError -> exit 2 wrapper, shared options.
 
 Nothing here imports torch: `cold --help` stays fast.
 """
@@ -6,31 +6,66 @@ Nothing here imports torch: `cold --help` stays fast.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cold.errors import ColdError
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are never hard-wrapped (logs, pipes)
 
 EXIT_BAD_INPUT = 2  # the exit status of a command refused for bad input (a ColdError)
 
 
+def table_console(columns: int, **options) -> Console:
+    """stdout for wide tables: the terminal's width, or `columns` when stdout is a file (whole tables in files)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else columns, **options)
+
+
+def exits_on(kind: type[BaseException], message, status: int):
+    """A decorator: when the command raises `kind`, print `message(exc)` on stderr and exit with `status`, no traceback."""
+
+    def decorate(command):
+        @functools.wraps(command)  # typer reads the options from the command's own signature
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except kind as exc:
+                err.print(message(exc))
+                raise typer.Exit(status) from None
+
+        return wrapper
+
+    return decorate
+
+
 def reports_errors(command):
     """Run a command so that a ColdError prints one red `error:` line and exits with status 2, no traceback."""
+    return exits_on(ColdError, lambda exc: f"[bold red]error:[/] {escape(str(exc))}", EXIT_BAD_INPUT)(command)
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except ColdError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    return wrapper
+# ---- options that several commands share (typer reads the help from the type) -------------------
+
+Model = Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")]
+EvalModel = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]  # eval, tune, bench
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+KvDtype = Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")]
+
+
+# ---- checks of option values -------------------------------------------------------------------
+
+
+def check_positive(**values) -> None:
+    """Each given option (None = not given) is >= 1; the error names the option as typed: --max-new-tokens."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ColdError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:

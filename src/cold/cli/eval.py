@@ -1,63 +1,33 @@
-"""`cold eval`: several decoders on the same problems of a task, accuracy side by side."""
+"""`cold eval`: several decoders on the same problems of a task, accuracy side by side.
+
+The report (numpy) and the dtypes (torch) are imported inside the command, so that `cold --help` does not import them.
+"""
 
 from __future__ import annotations
 
 import shlex
-import sys
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from cold.errors import ColdError
-from cold.evaluation.decoders import DEFAULT_DECODERS, SYNTAX
-
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole tables in files
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-# Options that `cold eval` and `cold tune` share (typer reads the help from the type).
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")]
-Seed = Annotated[int, typer.Option(help="Seed of the --limit sample.")]
-BatchSize = Annotated[int, typer.Option(help="Problems decoded together in one batch.")]
-Bootstrap = Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-KvDtype = Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")]
-Model = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]
-Shots = Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")]
-AmateurAdapter = Annotated[Optional[Path], typer.Option(help="A second PEFT LoRA adapter (same base) to be the amateur of the cold decoders marked :amateur, instead of the bare base model: for example an earlier snapshot of the same training, so that the contrast amplifies what later training added rather than subtracting what the base model knows.")]
-AmateurScale = Annotated[float, typer.Option(help="LoRA scale of the --amateur-adapter on the amateur row (1 = as trained).")]
+from cold.cli.common import Device, Dtype, EvalModel, KvDtype, err, reports_errors
+from cold.cli.eval_run import (
+    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, MaxNewTokens, PromptChoice, Rule, Seed, Shots,
+    check_common, generate_all, prepare, resumes_on_interrupt, shown, stdout,
+)
+from cold.evaluation import decoders as decoder_specs
+from cold.tasks import readers as tasks
 
 
-class PromptChoice(str, Enum):
-    chat = "chat"
-    zero_shot = "zero-shot"
-    few_shot = "few-shot"
-
-
-class Rule(str, Enum):
-    flexible = "flexible"
-    strict = "strict"
-
-
-class AnswerType(str, Enum):
-    number = "number"
-    yesno = "yesno"
-    choice = "choice"
-    text = "text"
-
-
+@reports_errors
+@resumes_on_interrupt
 def eval_command(
     task: Annotated[str, typer.Option(help="gsm8k, multiarith, singleeq, coin_flip, last_letters, commonsenseqa, or jsonl (any JSONL file given with --data).")] = "gsm8k",
     data: Annotated[Optional[Path], typer.Option(help="The task file to read (default: the split's file under ../shared/data or $COLD_DATA_DIR).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a built-in task (default: test; commonsenseqa: dev).")] = None,
-    decoders: Annotated[str, typer.Option(help=f"Comma-separated decoder specs: {SYNTAX}.")] = DEFAULT_DECODERS,
-    model: Model = "smollm2",
+    decoders: Annotated[str, typer.Option(help=f"Comma-separated decoder specs: {decoder_specs.SYNTAX}.")] = decoder_specs.DEFAULT_DECODERS,
+    model: EvalModel = "smollm2",
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory. Default: the built-in demo adapter of a built-in model.")] = None,
     prompt: Annotated[PromptChoice, typer.Option(help="chat: the question as the user message of the chat template; zero-shot: 'Question: ...\\nAnswer:'; few-shot: worked examples first.")] = PromptChoice.chat,
     shots: Shots = 4,
@@ -95,126 +65,7 @@ def eval_command(
 
       cold eval --task commonsenseqa --adapter runs/final --amateur-adapter runs/final/step-100 --decoders expert,cold@0.1/0.5,cold@0.1/0.5:amateur
     """
-    run_command(_run, locals())
-
-
-def run_command(body, options: dict) -> None:
-    """Run a command's body; ColdError -> one `error:` line and exit 2, Ctrl-C -> a resume hint and exit 130."""
-    try:
-        body(**options)
-    except ColdError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: finished batches are saved; rerun the same command to resume")
-        raise typer.Exit(130) from None
-
-
-@dataclass
-class Prepared:
-    """What `cold eval` and `cold tune` share: the problems, their prompt style, adapter and run directory."""
-
-    task: object  # tasks.Task
-    split: Optional[str]
-    path: Path
-    problems: list  # the chosen problems (tasks.Problem)
-    style: object  # prompts.PromptStyle
-    adapter: Optional[Path]
-    amateur: Optional[Path]  # the amateur adapter of `:amateur` decoders
-    amateur_scale: float
-    settings: dict  # what a resumed run must share (run.json)
-    sample: str  # "N of M problems ..." for reports
-    out: Path
-
-
-def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype) -> None:
-    if max_new_tokens < 1:
-        raise ColdError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ColdError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ColdError(f"--limit must be >= 1, got {limit}")
-    if bootstrap < 100:
-        raise ColdError(f"--bootstrap must be >= 100, got {bootstrap}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ColdError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-
-
-def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-            out_dir, question_field, answer_field, answer_type, choices_field, dtype, default_split=None,
-            out_prefix="", kv_dtype=None, amateur=None, amateur_scale=1.0) -> Prepared:
-    """Read the task, pick the problems, build the prompt style, find the adapter, open the run directory."""
-    from cold.evaluation import runner
-    from cold.tasks import readers as tasks
-    from cold.tasks.prompts import make_style
-
-    the_task = tasks.get_task(task, question_field, answer_field, answer_type.value, choices_field)
-    if the_task.name == tasks.GENERIC:
-        if data is None:
-            raise ColdError("--task jsonl needs --data FILE.jsonl")
-        if split is not None:
-            raise ColdError("--split applies to built-in tasks only; --task jsonl reads the --data file")
-    elif split is not None and data is not None:
-        raise ColdError("give either --split (a built-in file) or --data (your own file), not both")
-    split_name = None if the_task.name == tasks.GENERIC or data is not None else (split or default_split or the_task.default_split)
-    path = the_task.path(split_name, data)
-    problems = the_task.read(path)
-    total = len(problems)
-    own = []
-    if prompt is PromptChoice.few_shot and not the_task.family:  # exemplars from the file itself
-        if shots >= len(problems):
-            raise ColdError(f"--shots {shots}: {path} has only {len(problems)} rows (exemplars come from its first rows)")
-        own, problems = problems[:shots], problems[shots:]
-    style = make_style(prompt.value, the_task.family, shots, instruction, own)
-    chosen = tasks.select(problems, limit, seed)
-
-    adapter_path = _adapter_path(model, adapter, specs, the_task.name)
-    _check_amateur(specs, amateur, amateur_scale)
-    settings = {
-        "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": runner.fingerprint(path),
-        "answer_type": the_task.answer_type, "model": model,
-        "adapter": str(adapter_path) if adapter_path else None,
-        "adapter_sha1": runner.fingerprint(adapter_path) if adapter_path else None,
-        "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
-        "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
-        **({"kv_dtype": kv_dtype} if kv_dtype else {}),  # absent by default: older run directories still resume
-        **({"amateur_adapter": str(amateur), "amateur_adapter_sha1": runner.fingerprint(amateur),
-            "amateur_scale": amateur_scale} if amateur else {}),
-    }
-    if the_task.name == tasks.GENERIC:
-        settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
-    name = f"{the_task.name}-{split_name}" if split_name else path.stem
-    out = out_dir or Path("eval-runs") / f"{out_prefix}{name}-{prompt.value}"
-    runner.open_run_dir(out, settings, informational=("data", "adapter", "amateur_adapter"))
-    sample = f"{len(chosen)} of {total} problems" + (f" (seeded sample, --seed {seed})" if len(chosen) < len(problems) else "")
-    if own:
-        sample += f"; rows 0-{len(own) - 1} are the few-shot exemplars"
-    return Prepared(the_task, split_name, path, chosen, style, adapter_path, amateur, amateur_scale, settings, sample, out)
-
-
-def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None) -> dict[str, list[dict]]:
-    """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
-    from cold.evaluation import runner
-
-    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype, run.amateur, run.amateur_scale)
-    err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
-    with _progress() as progress:
-        results, generated = runner.run_decoders(
-            engine, run.problems, specs, run.style, run.task.answer_type, run.out,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-        )
-    n = len(run.problems)
-    err.print("generated: " + "; ".join(f"{label} {k} new, {n - k} from records" for label, k in generated.items())
-              if any(generated.values()) else "nothing to generate: every problem has a record for every decoder", markup=False)
-    return results
-
-
-def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
-         batch_size, out_dir, headline, bootstrap, question_field, answer_field, answer_type, choices_field,
-         device, dtype, kv_dtype, amateur_adapter, amateur_scale) -> None:
-    from cold.evaluation import decoders as decoder_specs
     from cold.evaluation import report
-    from cold.tasks import readers as tasks
     from cold.load.models import pick_dtype
 
     specs = decoder_specs.parse_decoders(decoders)
@@ -229,114 +80,14 @@ def _run(task, data, split, decoders, model, adapter, prompt, shots, instruction
     command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
                        limit, seed, batch_size, run.out, headline.value, question_field, answer_field, answer_type.value,
                        choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype, amateur_adapter, amateur_scale)
-    info = {**run.settings, "data": _shown(run.path), "adapter": _shown(run.adapter) if run.adapter else None,
-            **({"amateur_adapter": _shown(run.amateur)} if run.amateur else {}),
+    info = {**run.settings, "data": shown(run.path), "adapter": shown(run.adapter) if run.adapter else None,
+            **({"amateur_adapter": shown(run.amateur)} if run.amateur else {}),
             "selection": run.sample, "device": device, "batch_size": batch_size, "command": command,
             "prompt": prompt.value + (f" ({shots} shots)" if prompt is PromptChoice.few_shot else "")}
     summary = report.summarize(results, headline.value, bootstrap, info=info)
     report.print_tables(summary, stdout)
     for written in report.write_outputs(summary, run.out):
         err.print(f"wrote {written}", markup=False)
-
-
-def _shown(path: Path) -> str:
-    """A path for reports: relative to the working directory when that is short, else absolute."""
-    import os
-
-    absolute = path.resolve()
-    try:
-        relative = os.path.relpath(absolute)
-    except ValueError:  # another drive
-        return str(absolute)
-    return relative if relative.count("..") <= 2 else str(absolute)
-
-
-def _adapter_path(model: str, adapter: Optional[Path], specs, task: str = "") -> Optional[Path]:
-    if adapter is not None:
-        if not adapter.is_dir():
-            raise ColdError(f"--adapter {adapter}: directory not found")
-        return adapter
-    from cold.load.demo import demo_adapter_dir
-
-    path = demo_adapter_dir(model, task)
-    if path is None and any(s.needs_adapter for s in specs):
-        needing = ", ".join(s.label for s in specs if s.needs_adapter)
-        raise ColdError(f"decoders {needing} need a LoRA adapter and model {model!r} has no built-in one"
-                        f"{f' for task {task!r}' if task else ''}; give --adapter DIR")
-    return path
-
-
-def _check_amateur(specs, amateur: Optional[Path], scale: float) -> None:
-    """`:amateur` decoders and --amateur-adapter come together; the adapter exists; the scale is a number > 0."""
-    marked = [s.label for s in specs if s.vs_amateur]
-    if marked and amateur is None:
-        raise ColdError(f"decoders {', '.join(marked)} contrast with an amateur adapter; give it with --amateur-adapter DIR")
-    if amateur is None:
-        if scale != 1.0:
-            raise ColdError("--amateur-scale applies to the --amateur-adapter; give that too")
-        return
-    if not marked:
-        raise ColdError("--amateur-adapter is used only by cold decoders marked :amateur (e.g. cold@0.1/0.5:amateur); none is given")
-    if not amateur.is_dir():
-        raise ColdError(f"--amateur-adapter {amateur}: directory not found")
-    if not (scale > 0 and scale != float("inf")):
-        raise ColdError(f"--amateur-scale must be a finite number > 0, got {scale}")
-
-
-class _LazyEngine:
-    """Loads the model on the first generation, so a fully resumed run never loads it.
-
-    With an amateur adapter, the engine holds two adapters, named "expert" and "amateur"; a decoder
-    spec's `vs_amateur` becomes the amateur row's adapter and scale.
-    """
-
-    def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str, kv_dtype: Optional[str] = None,
-                 amateur: Optional[Path] = None, amateur_scale: float = 1.0):
-        self.args = model, adapter, device, dtype, kv_dtype
-        self.amateur, self.amateur_scale = amateur, amateur_scale
-        self.engine = None
-
-    def generate(self, prompts, vs_amateur: bool = False, **kwargs):
-        if self.amateur is not None and kwargs.get("decoder") != "base":
-            kwargs["adapter"] = "expert"
-        if vs_amateur:
-            kwargs.update(amateur_adapter="amateur", amateur_scale=self.amateur_scale)
-        return self.load().generate(prompts, **kwargs)
-
-    def load(self):
-        if self.engine is None:
-            from cold.decoding.engine import Engine
-
-            model, adapter, device, dtype, kv_dtype = self.args
-            adapters = {adapter.name: str(adapter)} if adapter else {}
-            if self.amateur is not None:
-                adapters = {"expert": str(adapter), "amateur": str(self.amateur)}
-            with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "")
-                            + (f" and amateur adapter {self.amateur.name}" if self.amateur else "") + " …"):
-                self.engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
-                self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
-        return self.engine
-
-
-class _progress:
-    """A rich progress bar on stderr, one line per decoder: `with _progress() as update: update(label, done, total)`."""
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=err)
-        self.bar.__enter__()
-        self.tasks: dict[str, int] = {}
-        return self.update
-
-    def update(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.bar.add_task(label, total=total, completed=done)
-        self.bar.update(self.tasks[label], completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 def _command(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,

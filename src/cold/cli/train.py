@@ -1,4 +1,7 @@
-"""`cold train`: the LoRA training recipe of `cold.training.lora` on the command line."""
+"""`cold train`: the LoRA training recipe of `cold.training` on the command line.
+
+The training code (torch, transformers, peft) is imported inside the command, so that `cold --help` does not import it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from cold.cli.common import Model, err, reports_errors
 
+
+@reports_errors
 def train(
     output_dir: Annotated[str, typer.Option(help="Where the PEFT adapter, log, model card and loss plot go.")],
-    model: Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")] = "smollm2",
+    model: Model = "smollm2",
     task: Annotated[str, typer.Option(help="gsm8k or commonsenseqa (their train files in ../shared/data; for commonsenseqa the rows cold tune samples by default are left out; commonsenseqa-text answers with the choice's text instead of its letter, commonsenseqa-text-wrong with a wrong choice's text: an anti-expert to use as CoLD's amateur), coin_flip or last_letters (generated gen-train split), unless --data is given.")] = "gsm8k",
     data: Annotated[Optional[str], typer.Option(help="Training file (JSONL) instead of the task's default.")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
@@ -32,18 +38,13 @@ def train(
 
       cold train --model gemma3 --task commonsenseqa-text --output-dir my-gemma-lora  (zero-shot text format)
     """
-    from cold.cli import err
-    from cold.errors import ColdError
-    from cold.training.lora import DEFAULT_TARGET_MODULES, train_lora
+    from cold.training.recipe import DEFAULT_TARGET_MODULES
+    from cold.training.trainer import train_lora
 
-    try:
-        summary = train_lora(
-            base_model=model, task=task, data_path=data, output_dir=output_dir, rank=rank, lora_alpha=lora_alpha,
-            target_modules=tuple(target or DEFAULT_TARGET_MODULES), max_steps=max_steps, batch_size=batch_size,
-            learning_rate=learning_rate, max_length=max_length, seed=seed, threads=threads,
-            save_at=tuple(save_at or ()), prompt_format=prompt,
-        )
-    except ColdError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    summary = train_lora(
+        base_model=model, task=task, data_path=data, output_dir=output_dir, rank=rank, lora_alpha=lora_alpha,
+        target_modules=tuple(target or DEFAULT_TARGET_MODULES), max_steps=max_steps, batch_size=batch_size,
+        learning_rate=learning_rate, max_length=max_length, seed=seed, threads=threads,
+        save_at=tuple(save_at or ()), prompt_format=prompt,
+    )
     err.print(f"adapter saved to {output_dir} (final loss {summary.get('final_loss', float('nan')):.4f})")

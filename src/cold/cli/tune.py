@@ -1,4 +1,7 @@
-"""`cold tune`: choose alpha, beta and the LoRA scale on a tuning split (never the test split)."""
+"""`cold tune`: choose alpha, beta and the LoRA scale on a tuning split (never the test split).
+
+The grid's statistics (numpy) are imported inside the command, so that `cold --help` does not import them.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +13,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cold.errors import ColdError
-from cold.cli.eval import (
-    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, Device, Dtype, MaxNewTokens, Model, PromptChoice, Rule,
-    Seed, Shots, _shown,
-    check_common, err, generate_all, prepare, run_command, stdout,
+from cold.cli.common import Device, Dtype, EvalModel, err, reports_errors
+from cold.cli.eval_run import (
+    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, MaxNewTokens, PromptChoice, Rule, Seed, Shots,
+    check_common, generate_all, prepare, resumes_on_interrupt, shown, stdout,
 )
+from cold.errors import ColdError
 
 # task -> its tuning split (disjoint from the split `cold eval` reports by default)
 TUNING_SPLITS = {"gsm8k": "train", "commonsenseqa": "train", "coin_flip": "gen-tune", "last_letters": "gen-tune"}
 
 
+@reports_errors
+@resumes_on_interrupt
 def tune_command(
     task: Annotated[str, typer.Option(help="gsm8k, commonsenseqa, coin_flip, last_letters (each has a tuning split), or any task with --split/--data.")] = "gsm8k",
     split: Annotated[Optional[str], typer.Option(help="Tuning split (default: gsm8k/commonsenseqa train, coin_flip/last_letters gen-tune).")] = None,
@@ -29,7 +34,7 @@ def tune_command(
     betas: Annotated[str, typer.Option(help="Contrast strengths beta to try (comma-separated, each >= 0).")] = "0.25,0.5,1,2",
     scales: Annotated[str, typer.Option(help="LoRA scales for the one-row alternative expert@S (comma-separated, > 0).")] = "1.5,2",
     scoring: Annotated[str, typer.Option(help="CoLD score forms to try: logit, logprob, or logit,logprob.")] = "logit",
-    model: Model = "smollm2",
+    model: EvalModel = "smollm2",
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory (default: the model's demo adapter for the task).")] = None,
     prompt: Annotated[PromptChoice, typer.Option(help="chat, zero-shot or few-shot (as in cold eval).")] = PromptChoice.chat,
     shots: Shots = 4,
@@ -54,11 +59,6 @@ def tune_command(
 
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
-    run_command(_tune, locals())
-
-
-def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, prompt, shots, instruction, max_new_tokens,
-          limit, seed, batch_size, out_dir, headline, bootstrap, device, dtype, amateur_adapter, amateur_scale) -> None:
     from cold.evaluation import tune
 
     check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
@@ -78,7 +78,7 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
     results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size)
     summary = tune.summarize(results, specs, headline.value, bootstrap)
 
-    where = f"{run.task.name} ({run.split})" if run.split else _shown(run.path)
+    where = f"{run.task.name} ({run.split})" if run.split else shown(run.path)
     title = f"cold tune: {where}, n = {len(run.problems)}, prompt {prompt.value}, max {max_new_tokens} new tokens"
     next_eval = ["cold", "eval", "--task", run.task.name, "--decoders", tune.chosen_decoders(summary)]
     if model != "smollm2":
@@ -100,8 +100,8 @@ def _tune(task, split, data, alphas, betas, scales, scoring, model, adapter, pro
         ("command", "`" + shlex.join(["cold", "tune", *_given(given)]) + "`"),
         ("problems", run.sample),
         ("model", model),
-        ("adapter", _shown(run.adapter) if run.adapter else "none"),
-        *([("amateur", f"{_shown(run.amateur)} at scale {amateur_scale:g}")] if run.amateur else []),
+        ("adapter", shown(run.adapter) if run.adapter else "none"),
+        *([("amateur", f"{shown(run.amateur)} at scale {amateur_scale:g}")] if run.amateur else []),
         ("headline rule", headline.value),
         ("next (test split)", "`" + shlex.join(next_eval) + "`"),
     ]
