@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy study of the README for one task and one adapter, end to end and resumable:
+# The accuracy study of docs/accuracy.md for one task and one adapter, end to end and resumable:
 #   1. train the task's adapter with snapshots (only when ADAPTER is the default and missing),
 #   2. `cold tune` on the tuning split (alpha x beta x LoRA scale) with that adapter,
 #   3. `cold eval` on the test split: base (with the default adapter only), expert, the best scale

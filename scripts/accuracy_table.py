@@ -1,4 +1,4 @@
-"""One Markdown table from several `cold eval` run directories (the README's accuracy table).
+"""One Markdown table from several `cold eval` run directories (the full results table of docs/accuracy.md).
 
     python scripts/accuracy_table.py eval-runs/coin_flip-test-smollm2-coin_flip eval-runs/gsm8k-test-smollm2 \
         --copy-to results/accuracy

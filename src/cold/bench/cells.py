@@ -458,7 +458,7 @@ def e2e_cell(spec: dict) -> dict:
     params = DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
     questions = spec["questions"]
     engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
-    prefill = _time_calls(engine, "prefill", device)
+    prefill = _time_calls(engine.runner, "prefill", device)
     reset_peak_memory(device)
     _sync(device)
     started = time.perf_counter()

@@ -316,7 +316,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
                                                            "end; the largest over the batches"},
         "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill) and decoder, decoders "
                   "interleaved (order flipped every group); wall_s sums the groups' decode times (after loading and a "
-                  "short warm-up); prefill_s the part of it spent in Engine.prefill",
+                  "short warm-up); prefill_s the part of it spent in ModelRunner.prefill",
         "rows": rows, "paired": bench_report.e2e_paired(rows),
     }
 
