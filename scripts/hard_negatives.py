@@ -30,7 +30,8 @@ from tqdm import tqdm
 from cold.tasks.prompts import question_text
 from cold.tasks.readers import _jsonl_rows, read_commonsenseqa, select
 from cold.load.paths import data_root
-from cold.training.lora import DEFAULT_DATA, TUNING_RESERVE, completion_ids, prompt_ids, resolve_prompt_format
+from cold.training.data import DEFAULT_DATA, TUNING_RESERVE
+from cold.training.encoding import completion_ids, prompt_ids, resolve_prompt_format
 
 
 def answer_tokens(tokenizer, answers: list[str], prompt_format: str) -> tuple[list[list[int]], int]:

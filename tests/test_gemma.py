@@ -166,7 +166,8 @@ def test_missing_package_is_a_clear_error_and_the_assembled_file_is_reused(tmp_p
 
 
 def test_training_formats_gemma_as_zero_shot_text_and_refuses_the_chat_format(gemma3, tmp_path):
-    from cold.training.lora import resolve_prompt_format, train_lora
+    from cold.training.encoding import resolve_prompt_format
+    from cold.training.trainer import train_lora
 
     assert resolve_prompt_format(gemma3.tokenizer, "auto", "gemma3") == "zero-shot"  # a base model: no chat template
     data = tmp_path / "train.jsonl"

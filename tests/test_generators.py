@@ -13,7 +13,7 @@ from cold.tasks import generators
 from cold.tasks.extract import extract, is_correct
 from cold.tasks.prompts import EXEMPLARS
 from cold.tasks.readers import get_task
-from cold.training.lora import load_task
+from cold.training.data import load_task
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cold.tasks.readers import read_commonsenseqa, select
-from cold.training.lora import TUNING_RESERVE, completion_ids, load_commonsenseqa, prompt_ids
+from cold.training.data import TUNING_RESERVE, load_commonsenseqa
+from cold.training.encoding import completion_ids, prompt_ids
 from conftest import SCRIPTS, load_script, make_lora
 
 SCRIPT = SCRIPTS / "hard_negatives.py"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cold.training.lora import load_worked_examples
+from cold.training.data import load_worked_examples
 from conftest import SCRIPTS, load_script
 
 SCRIPT = SCRIPTS / "self_negatives.py"
@@ -76,7 +76,7 @@ def test_shipped_last_letters_anti_expert_sharpens_the_join(smollm2):
     from cold.load.demo import DEMO_DIR, demo_adapter_dir
     from cold.tasks.generators import generate
     from cold.lora.layer import uninstall_adapters
-    from cold.training.lora import prompt_ids
+    from cold.training.encoding import prompt_ids
 
     anti_dir = DEMO_DIR / "smollm2-last_letters-selfneg"
     assert (anti_dir / "adapter_model.safetensors").stat().st_size < 10 * 2**20

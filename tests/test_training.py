@@ -62,7 +62,7 @@ def write_commonsenseqa(tmp_path, n: int):
 def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
     from cold.tasks.prompts import question_text
     from cold.tasks.readers import read_commonsenseqa, select
-    from cold.training.lora import load_task
+    from cold.training.data import load_task
 
     path = write_commonsenseqa(tmp_path, 700)
     _, pairs = load_task("commonsenseqa", path)
@@ -77,7 +77,7 @@ def test_commonsenseqa_training_rows_leave_out_the_tuning_sample(tmp_path):
 def test_anti_expert_rows_answer_with_a_wrong_choice_of_the_same_questions(tmp_path):
     from cold.tasks.prompts import question_text
     from cold.tasks.readers import read_commonsenseqa
-    from cold.training.lora import load_task
+    from cold.training.data import load_task
 
     path = write_commonsenseqa(tmp_path, 600)
     _, right = load_task("commonsenseqa-text", path)
@@ -100,7 +100,7 @@ def test_zero_shot_format_trains_on_cold_evals_text_prompt(tiny_dir, tmp_path):
     feeds the engine; the loss covers ` answer` and the EOS token only."""
     from cold.tasks.prompts import make_style
     from cold.tasks.readers import Problem
-    from cold.training.lora import encode_example
+    from cold.training.encoding import encode_example
 
     base = load_base(str(tiny_dir))
     problem = Problem("0", "What is 2 + 2?", "4")

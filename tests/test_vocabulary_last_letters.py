@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cold.tasks.readers import read_last_letters
-from cold.training.lora import load_worked_examples
+from cold.training.data import load_worked_examples
 from conftest import load_script
 
 

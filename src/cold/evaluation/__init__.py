@@ -1,13 +1,11 @@
-"""Task accuracy: `cold eval` runs several decoders on the same problems and compares them.
+"""Task accuracy: several decoders on the same problems (`cold eval`), compared, and tuned (`cold tune`).
 
-    tasks.py     readers for the public task files (and any JSONL), one `Problem` per row
-    prompts.py   zero-shot / few-shot / chat prompt templates
-    extract.py   answer extraction, strict and flexible, and answer comparison
     decoders.py  decoder specs: base, expert, expert@SCALE, cold@ALPHA/BETA, ...
-    stats.py     bootstrap intervals (single and paired), seeded
     runner.py    generation with resumable per-decoder JSONL records
+    stats.py     bootstrap intervals (single and paired), seeded
     report.py    summary: terminal table, Markdown, JSON, PNG plot
-    cli.py       the `cold eval` command
+    tune.py      a grid of CoLD settings and LoRA scales, the best of each, a heat-map
 
-Nothing here imports torch at module level except through the engine the runner is given.
+The problems, prompts and answer extraction come from `cold.tasks`; the command lines are in
+`cold.cli`. Nothing here imports torch at module level except through the engine the runner is given.
 """

@@ -27,6 +27,7 @@ and paired comparisons rely on that). Malformed rows raise ColdError naming file
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,6 @@ from cold.errors import ColdError
 from cold.load.paths import cache_dir, data_root
 from cold.tasks import generators
 from cold.tasks.extract import ANSWER_TYPES, normalize_gold
-
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,6 @@ class Task:
         if not problems:
             raise ColdError(f"{path}: no problems in the file")
         return problems
-
 
 
 def generated_file(task: str, split: str) -> Path:
@@ -293,8 +292,6 @@ def select(problems: list[Problem], limit: int | None, seed: int) -> list[Proble
         return list(problems)
     if limit < 1:
         raise ColdError(f"--limit must be >= 1, got {limit}")
-    import random
-
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     return [problems[i] for i in sorted(order[:limit])]
