@@ -1,4 +1,4 @@
-"""Built-in demo adapters, trained by `cold.training.lora` and shipped inside the package."""
+"""Built-in demo adapters, trained by `cold.training` and shipped inside the package."""
 
 from __future__ import annotations
 
