@@ -95,3 +95,21 @@ def test_no_import_circle():
     for module in sorted(graph):
         visit(module)
     assert not circles
+
+
+def _readme_layout() -> str:
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_layout_map_names_every_module_and_only_modules_that_exist():
+    import re
+
+    block = _readme_layout()
+    modules = {p.name for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    named = set(re.findall(r"\b(\w+\.py)\b", block)) - {"vllm_throughput.py", "__init__.py"}  # a script
+    assert modules - named == set(), "modules missing from the README's layout map"
+    assert named - modules == set(), "the README's layout map names modules that do not exist"
+    assert {p for p in packages if f"{p}/" not in block} == set()

@@ -22,6 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
+
+from cold.decoding.engine import Engine
+from cold.decoding.running import RunningBatch
+from cold.errors import ColdError
+from cold.load.adapters import read_adapter
+from cold.load.models import load_base
+from cold.params import DecodeParams
 
 ENGINE_DECODERS = ("base", "expert", "cold", "expert-reference", "cold-reference")
 REFERENCE_SUFFIX = "-reference"  # our engine without the lean decode step (cold.runner.llama_step)
@@ -94,7 +102,6 @@ class ForwardClock:
     Runners hand it the transformer body (`get_decoder()`: embeddings, layers, final norm), the
     part every decoder runs alike; the LM head and the pick stay outside, in `step - body`.
     """
-
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.total = 0.0
         self.calls = 0
@@ -123,11 +130,6 @@ class EngineRunner:
     """Our engine (`base`, `expert`, `cold`): `RunningBatch.join` is the prefill, `.step()` the step."""
 
     def __init__(self, spec: dict):
-        from cold.load.adapters import read_adapter
-        from cold.decoding.engine import Engine
-        from cold.load.models import load_base
-        from cold.params import DecodeParams
-
         decoder = spec["decoder"].removesuffix(REFERENCE_SUFFIX)
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
@@ -142,8 +144,6 @@ class EngineRunner:
         self.tokens: list[list[int]] = []
 
     def prefill(self, prompts: list[list[int]]) -> None:
-        from cold.decoding.running import RunningBatch
-
         requests = [self.engine.make_request(p, self.params) for p in prompts]
         self.batch = RunningBatch(self.engine.runner)
         self.batch.join(requests, list(range(len(requests))))
@@ -159,11 +159,8 @@ class EngineRunner:
 
 class HFRunner:
     """Baselines on a plain Hugging Face forward with `DynamicCache`, the same loop for each."""
-
     def __init__(self, spec: dict):
-        from peft import PeftModel
-
-        from cold.load.models import load_base
+        from peft import PeftModel  # peft is imported only by the baselines that use it
 
         self.decoder = spec["decoder"]
         self.device = torch.device(spec["device"])
@@ -185,8 +182,6 @@ class HFRunner:
         return out.logits[:, -1].float()
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.config)
 
     def prefill(self, prompts: list[list[int]]) -> None:
@@ -315,9 +310,6 @@ def bandwidth_cell(spec: dict) -> dict:
 
 def info_cell(spec: dict) -> dict:
     """Model facts, weight bytes read per step, the seeded prompts; writes a random LoRA if asked."""
-    from cold.load.adapters import read_adapter
-    from cold.load.models import load_base
-
     set_threads(spec["threads"])
     base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
     model, tokenizer = base.model, base.tokenizer
@@ -331,8 +323,6 @@ def info_cell(spec: dict) -> dict:
     context = base.context_length
     needed = spec["prompt_tokens"] + spec["new_tokens"] + 1
     if needed > context:
-        from cold.errors import ColdError
-
         raise ColdError(
             f"--prompt-tokens {spec['prompt_tokens']} + --new-tokens {spec['new_tokens']} (+1) exceeds "
             f"the model's context of {context} tokens"
@@ -425,8 +415,6 @@ def _time_calls(obj, name: str, device: torch.device) -> list[float]:
 def decode_refilling(engine, questions: list[str], params, batch_size: int) -> tuple[list[int], list[str], int]:
     """Continuous batching: keep `batch_size` sequences running, a new problem joins as soon as
     one finishes (`RunningBatch.join` between steps, as the server does). Lengths, reasons, steps."""
-    from cold.decoding.running import RunningBatch
-
     requests = [engine.make_request(q, params, chat=True) for q in questions]
     lengths, reasons = [0] * len(requests), [""] * len(requests)
     batch, joined, steps = RunningBatch(engine.runner), 0, 0
@@ -446,11 +434,6 @@ def e2e_cell(spec: dict) -> dict:
     """End to end on a group of problems: chat prompts, EOS honoured. Static batches (finished rows
     leave, as in `cold generate`) or, with `refill`, continuous batching; wall time after a short
     warm-up, generated lengths."""
-    from cold.load.adapters import read_adapter
-    from cold.decoding.engine import Engine
-    from cold.load.models import load_base
-    from cold.params import DecodeParams
-
     threads = set_threads(spec["threads"])
     device = torch.device(spec["device"])
     engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])],

@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold.errors import ColdError
+from cold.load.prompts import chat_ids, chat_text
 from cold.serve.backend import Backend, DecodeThread, Job, JobFailed, QueueFull
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import (
@@ -76,7 +77,7 @@ def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
     """A FastAPI app serving `backend` (a `Backend`, or an `Engine`); its decode thread runs while the app's lifespan does."""
     config = config or ServerConfig()
     if not isinstance(backend, Backend):
-        from cold.serve.engine_backend import EngineBackend
+        from cold.serve.engine_backend import EngineBackend  # here, not at the top: the app itself needs no torch
 
         backend = EngineBackend(backend)
     clash = {config.model_name, BASE_ALIAS} & set(backend.adapter_names)
@@ -264,11 +265,11 @@ class _Server:
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", code="invalid_value")
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = chat_text(tokenizer, messages)
         except Exception as exc:  # jinja raises for conversations the template refuses
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages",
                            code="invalid_value") from None
-        return _Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+        return _Prompt(chat_ids(tokenizer, text), text)
 
     def _requests(self, prompts: list[_Prompt], params, max_tokens: int | None, n: int) -> list:
         """One backend request per choice (prompt-major, n per prompt), sized against the context."""

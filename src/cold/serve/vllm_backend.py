@@ -22,6 +22,8 @@ from cold.errors import ColdError
 from cold.serve.backend import Backend, DecodeThread, Job, deliver
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import ApiError
+from cold.vllm.generate import generate
+from cold.vllm.generator import VllmGenerator
 
 log = logging.getLogger("cold.serve.vllm_backend")
 
@@ -55,8 +57,6 @@ class VllmBackend(Backend):
     @classmethod
     def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32") -> VllmBackend:
         """Start vLLM with the (single) adapter; `close()` shuts it down."""
-        from cold.vllm.generator import VllmGenerator
-
         generator = VllmGenerator(model, adapters, dtype)
         return cls(generator.llm, generator.lora, on_close=generator.close)
 
@@ -115,8 +115,6 @@ class VllmWorker(DecodeThread):
             self.metrics.running.set(0)
 
     def _decode(self, jobs: list[Job]) -> None:
-        from cold.vllm.generate import generate
-
         p = jobs[0].request.params
         try:
             out = generate(self.llm, [j.request.prompt_ids for j in jobs], self.lora, decoder=p.decoder, alpha=p.alpha,

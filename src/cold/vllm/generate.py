@@ -74,7 +74,7 @@ def make_llm(
     vllm = require_vllm()
     from vllm.lora.request import LoRARequest
 
-    from cold.load.models import resolve_model_dir
+    from cold.load.models import resolve_model_dir  # torch-bound: importing cold.vllm stays light
 
     path = resolve_model_dir(model)
     lora = None

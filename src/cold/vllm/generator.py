@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from cold.errors import ColdError
 from cold.params import DecodeParams
+from cold.vllm.generate import generate, make_llm, shutdown
 
 
 class VllmGenerator:
     """What `cold.cli` needs of an engine (`generate(prompts, params, chat=)`), over a vllm.LLM."""
 
     def __init__(self, model: str, adapters: dict[str, str], dtype: str = "float32", max_model_len: int = 2048):
-        import os
-
-        from cold.vllm.generate import make_llm
-
         # vLLM logs to stdout at INFO by default; keep stdout for the answers (--json).
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -23,13 +22,9 @@ class VllmGenerator:
         self.llm, self.lora = make_llm(model, path, adapter_name=name, dtype=dtype, max_model_len=max_model_len)
 
     def close(self) -> None:
-        from cold.vllm.generate import shutdown
-
         shutdown(self.llm)
 
     def generate(self, prompts, params: DecodeParams, chat: bool = False):
-        from cold.vllm.generate import generate
-
         return generate(
             self.llm, prompts, self.lora, decoder=params.decoder, alpha=params.alpha, beta=params.beta,
             scoring=params.scoring, max_tokens=params.max_new_tokens, stop=params.stop, do_sample=params.do_sample,

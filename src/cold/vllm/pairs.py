@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cold.errors import ColdError
 from cold.params import SCORING_FORMS
 
 TAG = "cold"
@@ -158,8 +159,6 @@ class PairTable:
 
 def check_pair(index: int, expert_ids: list[int], amateur_ids: list[int]) -> None:
     """Raise ColdError when the two halves of prompt `index`'s pair did not decode in step."""
-    from cold.errors import ColdError
-
     if expert_ids != amateur_ids:
         at = next((i for i, (e, a) in enumerate(zip(expert_ids, amateur_ids)) if e != a), min(len(expert_ids), len(amateur_ids)))
         raise ColdError(
