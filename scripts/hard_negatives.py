@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cold.load.paths import data_root
 from cold.tasks.prompts import question_text
 from cold.tasks.readers import _jsonl_rows, read_commonsenseqa, select
-from cold.load.paths import data_root
 from cold.training.data import DEFAULT_DATA, TUNING_RESERVE
 from cold.training.encoding import completion_ids, prompt_ids, resolve_prompt_format
 

@@ -60,8 +60,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cold.load.demo import demo_adapter_dir
     from cold.decoding.engine import Engine
+    from cold.load.demo import demo_adapter_dir
     from cold.vllm import generate, make_llm
 
     sizes = [int(x) for x in args.concurrency.split(",")]

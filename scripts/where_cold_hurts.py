@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from cold.evaluation.decoders import parse_decoder
-from cold.tasks.prompts import make_style
 from cold.evaluation.stats import paired_difference
+from cold.tasks.prompts import make_style
 from cold.tasks.readers import read_commonsenseqa
 
 

@@ -12,9 +12,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from cold.lora.layer import uninstall_adapters
 from cold.load.models import BaseModel, load_base
+from cold.lora.layer import uninstall_adapters
 from cold.runner.rows import layout_of
+
 
 def prefill(engine, requests):
     """(layout, batch state) of the runner's prefill of `requests` (room for their max_new_tokens)."""

@@ -8,7 +8,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from cold.bench import run as bench, cells as bench_cells
+from cold.bench import cells as bench_cells
+from cold.bench import run as bench
 from cold.cli import app
 from conftest import make_lora
 

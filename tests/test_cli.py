@@ -10,9 +10,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cold.load.adapters import read_adapter
 from cold.cli import app
 from cold.decoding.engine import Engine
+from cold.load.adapters import read_adapter
 from conftest import make_lora
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cold.load.adapters import read_adapter
 from cold.decoding.engine import Engine
+from cold.load.adapters import read_adapter
 from conftest import make_lora, peft_greedy, reference_cold_greedy
 
 PROMPTS = [
@@ -185,8 +185,8 @@ def test_amateur_can_be_the_adapter_at_a_lower_scale(engine):
 
 def test_sequences_joining_and_leaving_a_running_batch_decode_as_alone(engine):
     """Continuous batching: rows that join mid-run, or leave early, do not change anyone's tokens."""
-    from cold.params import DecodeParams
     from cold.decoding.running import RunningBatch
+    from cold.params import DecodeParams
 
     plan = [(PROMPTS[0], "cold"), (PROMPTS[1], "expert"), (PROMPTS[2], "cold"), (PROMPTS[3], "base")]
     requests = [engine.make_request(p, DecodeParams(decoder=d, max_new_tokens=NEW)) for p, d in plan]
@@ -212,8 +212,8 @@ def test_sequences_joining_and_leaving_a_running_batch_decode_as_alone(engine):
 
 
 def test_late_joiners_decode_as_alone(engine):
-    from cold.params import DecodeParams
     from cold.decoding.running import RunningBatch
+    from cold.params import DecodeParams
 
     requests = [engine.make_request(p, DecodeParams(decoder="cold", max_new_tokens=NEW)) for p in PROMPTS]
     batch = RunningBatch(engine.runner)
@@ -237,8 +237,8 @@ def test_late_joiners_decode_as_alone(engine):
 def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, forms):
     """Logit-form CoLD computes the amateur (and the score) on the plausible columns only; every
     entry must still equal the score rule applied to both rows' full logits."""
-    from cold.sampling import scoring
     from cold.params import DecodeParams
+    from cold.sampling import scoring
     from cold.sampling.sampler import Sampler
     from conftest import prefill
 

@@ -6,14 +6,13 @@ import json
 import shutil
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cold.load.adapters import read_adapter
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
-from cold.lora.layer import RowLoRALinear
+from cold.load.adapters import read_adapter
 from cold.load.models import load_base
+from cold.lora.layer import RowLoRALinear
 from conftest import make_lora
 
 

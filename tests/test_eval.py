@@ -13,9 +13,9 @@ from cold.cli import app
 from cold.errors import ColdError
 from cold.evaluation import stats
 from cold.evaluation.decoders import DecoderSpec, parse_decoder, parse_decoders
+from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
 from cold.tasks.extract import extract, is_correct, normalize_gold, normalize_number
 from cold.tasks.prompts import EXEMPLARS, make_style
-from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
 from cold.tasks.readers import TASKS, Problem, data_root, get_task, read_jsonl, select
 from conftest import make_lora
 

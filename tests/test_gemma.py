@@ -13,12 +13,11 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from cold.runner import llama_step as lean
-
-from cold.load import models
-from cold.load.adapters import read_adapter
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
+from cold.load import models
+from cold.load.adapters import read_adapter
+from cold.runner import llama_step as lean
 from conftest import make_lora, peft_greedy, reference_cold_greedy
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time there was a"]
@@ -211,9 +210,9 @@ def test_gemma3_anti_experts_are_shipped_fit_and_push_the_contrast_to_the_right_
     from peft import PeftModel
 
     from cold.load.demo import DEMO_DIR, demo_adapter_dir
+    from cold.lora.layer import uninstall_adapters
     from cold.tasks.prompts import make_style
     from cold.tasks.readers import Problem
-    from cold.lora.layer import uninstall_adapters
 
     path = DEMO_DIR / name
     expert_dir = demo_adapter_dir("gemma3", "commonsenseqa")

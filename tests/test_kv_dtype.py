@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold.load.adapters import read_adapter
-from cold.load.demo import demo_adapter_dir
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
+from cold.load.adapters import read_adapter
+from cold.load.demo import demo_adapter_dir
 from conftest import make_lora, prefill
 
 

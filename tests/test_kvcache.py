@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold.runner import model_runner as runner_module
-from cold.load.adapters import read_adapter
 from cold.decoding.engine import Engine
-from cold.runner.kvcache import GrowingLayer
 from cold.decoding.running import RunningBatch
+from cold.load.adapters import read_adapter
+from cold.runner import model_runner as runner_module
+from cold.runner.kvcache import GrowingLayer
 from conftest import make_lora, prefill
 
 

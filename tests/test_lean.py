@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cold.decoding.engine import Engine
 from cold.load.adapters import read_adapter
 from cold.load.demo import demo_adapter_dir
-from cold.decoding.engine import Engine
 from cold.load.models import BaseModel
 from conftest import make_lora, prefill
 

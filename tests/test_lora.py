@@ -7,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cold.load.adapters import read_adapter
-from cold.runner.rows import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from cold.decoding.engine import Engine
+from cold.load.adapters import read_adapter
 from cold.lora.layer import RowLoRALinear
 from cold.lora.ops import lora_delta_gathered, lora_delta_reference, lora_delta_single
 from cold.lora.routing import RowSelection
+from cold.runner.rows import AMATEUR, EXPERT, RowLayout, RowSpec, left_pad
 from conftest import ALL_LINEAR, make_lora
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cold.load import gguf, models
 from cold.decoding.engine import Engine
+from cold.load import gguf, models
 
 
 def test_default_model_is_converted_once_and_reused(smollm2, monkeypatch):

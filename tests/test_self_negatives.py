@@ -74,8 +74,8 @@ def test_shipped_last_letters_anti_expert_sharpens_the_join(smollm2):
     from peft import PeftModel
 
     from cold.load.demo import DEMO_DIR, demo_adapter_dir
-    from cold.tasks.generators import generate
     from cold.lora.layer import uninstall_adapters
+    from cold.tasks.generators import generate
     from cold.training.encoding import prompt_ids
 
     anti_dir = DEMO_DIR / "smollm2-last_letters-selfneg"

@@ -15,14 +15,14 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from cold.load.adapters import read_adapter
 from cold.cli import app as cli_app
+from cold.cli.serve import _model_id
 from cold.decoding.engine import Engine
-from cold.lora.layer import uninstall_adapters
+from cold.load.adapters import read_adapter
 from cold.load.models import load_base
+from cold.lora.layer import uninstall_adapters
 from cold.params import DecodeParams
 from cold.serve.app import ServerConfig, create_app
-from cold.cli.serve import _model_id
 from conftest import make_lora
 
 KEY = "test-key"

@@ -6,9 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from cold.load.adapters import read_adapter
 from cold.cli import app
 from cold.decoding.engine import Engine
+from cold.load.adapters import read_adapter
 from cold.load.models import load_base
 
 

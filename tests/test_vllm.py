@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from cold.load.adapters import read_adapter
-from cold.load.demo import demo_adapter_dir
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
+from cold.load.adapters import read_adapter
+from cold.load.demo import demo_adapter_dir
 from cold.vllm.generate import pair_limits, plan_waves, shutdown
 from cold.vllm.pairs import PairTable, PairTag, check_pair
 

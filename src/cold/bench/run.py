@@ -177,7 +177,8 @@ def _resolve_adapter(model: str, adapter: str | None, tmp: Path) -> tuple[str | 
 
 def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
     """Step mode: every decoder x batch size; returns the report (settings, machine, rows, targets)."""
-    from cold.bench import cells as bench_cells, report as bench_report  # torch-bound: not at `cold --help`
+    from cold.bench import cells as bench_cells  # torch-bound: not at `cold --help`
+    from cold.bench import report as bench_report
 
     s = settings
     common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
@@ -269,7 +270,8 @@ def load_questions(path: Path, count: int) -> list[str]:
 
 def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
     """End-to-end mode: the first N problems, expert greedy and cold, same prompts and max tokens."""
-    from cold.bench import cells as bench_cells, report as bench_report  # torch-bound: not at `cold --help`
+    from cold.bench import cells as bench_cells  # torch-bound: not at `cold --help`
+    from cold.bench import report as bench_report
 
     s = settings
     say = progress or (lambda text: None)

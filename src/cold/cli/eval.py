@@ -13,8 +13,22 @@ import typer
 
 from cold.cli.common import Device, Dtype, EvalModel, KvDtype, err, reports_errors
 from cold.cli.eval_run import (
-    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, MaxNewTokens, PromptChoice, Rule, Seed, Shots,
-    check_common, generate_all, prepare, resumes_on_interrupt, shown, stdout,
+    AmateurAdapter,
+    AmateurScale,
+    AnswerType,
+    BatchSize,
+    Bootstrap,
+    MaxNewTokens,
+    PromptChoice,
+    Rule,
+    Seed,
+    Shots,
+    check_common,
+    generate_all,
+    prepare,
+    resumes_on_interrupt,
+    shown,
+    stdout,
 )
 from cold.evaluation import decoders as decoder_specs
 from cold.tasks import readers as tasks

@@ -15,7 +15,16 @@ import typer
 from rich.progress import Progress
 
 from cold.cli.common import (
-    Device, Dtype, KvDtype, Model, check_positive, err, out, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors,
+    Device,
+    Dtype,
+    KvDtype,
+    Model,
+    check_positive,
+    err,
+    out,
+    parse_adapter_specs,
+    refuse_kv_dtype_on_vllm,
+    reports_errors,
 )
 from cold.errors import ColdError
 from cold.load.demo import default_adapters

@@ -15,8 +15,22 @@ from rich.table import Table
 
 from cold.cli.common import Device, Dtype, EvalModel, err, reports_errors
 from cold.cli.eval_run import (
-    AmateurAdapter, AmateurScale, AnswerType, BatchSize, Bootstrap, MaxNewTokens, PromptChoice, Rule, Seed, Shots,
-    check_common, generate_all, prepare, resumes_on_interrupt, shown, stdout,
+    AmateurAdapter,
+    AmateurScale,
+    AnswerType,
+    BatchSize,
+    Bootstrap,
+    MaxNewTokens,
+    PromptChoice,
+    Rule,
+    Seed,
+    Shots,
+    check_common,
+    generate_all,
+    prepare,
+    resumes_on_interrupt,
+    shown,
+    stdout,
 )
 from cold.errors import ColdError
 

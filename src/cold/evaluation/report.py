@@ -11,8 +11,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.tasks.extract import RULES
 from cold.evaluation.stats import LEVEL, N_BOOT, bootstrap_mean, discordant, paired_difference
+from cold.tasks.extract import RULES
 
 BOOTSTRAP_SEED = 0
 

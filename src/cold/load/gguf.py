@@ -119,8 +119,8 @@ def _gguf_bos_eos_flags(gguf: Path) -> dict[str, bool]:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a Hugging Face directory in the cache; return it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "converted" / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
     if (target / "complete").is_file():

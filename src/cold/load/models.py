@@ -73,7 +73,6 @@ def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = None) -> BaseModel:
     """Load a base model and its tokenizer, read-only and in eval mode, from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)

@@ -12,7 +12,6 @@ Attention runs in the dtype of the keys: a bfloat16 KV cache under a float32 mod
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cold.params import DecodeParams, amateur_fields
+from cold.params import DECODERS, SCORING_FORMS, DecodeParams, amateur_fields
 
 
 class ApiError(Exception):
@@ -57,10 +57,10 @@ class _Generation(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # CoLD extensions (the openai client sends them with extra_body=...)
-    decoder: Literal["cold", "expert", "base"] | None = None
+    decoder: Literal[DECODERS] | None = None
     alpha: float | None = None
     beta: float | None = None
-    scoring: Literal["logit", "logprob"] | None = None
+    scoring: Literal[SCORING_FORMS] | None = None
     top_k: int | None = None
     expert_scale: float | None = None
     amateur: str | None = None  # a served adapter's model id: the amateur row runs that adapter

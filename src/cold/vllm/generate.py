@@ -27,14 +27,13 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from cold.load.prompts import encode_prompt
-from cold.types import Generation
 from cold.errors import ColdError
-from cold.params import DecodeParams
+from cold.load.prompts import encode_prompt
+from cold.params import DECODERS, DecodeParams
+from cold.types import Generation
 from cold.vllm.pairs import PairTag, check_pair
 
 PROCESSOR = "cold.vllm.processor:ColdPairProcessor"
-DECODERS = ("cold", "expert", "base")
 
 
 def require_vllm():
