@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cold.cli.common import err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
-from cold.errors import ColdError
+from cold.cli.common import check_positive, err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
 from cold.params import EngineName
 
 
@@ -49,12 +48,8 @@ def serve(
     from cold.serve.app import ServerConfig, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, value in [("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens", max_tokens),
-                        ("--max-body-bytes", max_body_bytes)]:
-        if value < 1:
-            raise ColdError(f"{name} must be >= 1, got {value}")
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ColdError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    check_positive(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                   max_prompt_tokens=max_prompt_tokens)
     if adapter:
         adapters = parse_adapter_specs(adapter)
     else:

@@ -38,9 +38,7 @@ class Engine:
         """`lean=False` runs every step through transformers' forward (see `ModelRunner`);
         `kv_dtype`: the dtype the KV cache stores (None: the model's)."""
         self.base = base
-        self.runner = ModelRunner(base, lean=lean, kv_dtype=kv_dtype)
-        if adapters:
-            self.set_adapters(list(adapters))
+        self.runner = ModelRunner(base, adapters, lean=lean, kv_dtype=kv_dtype)
 
     @classmethod
     def load(

@@ -39,7 +39,8 @@ PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in 
 class ModelRunner:
     """A base model with row-indexed LoRA adapters installed; prefill, step, logits and scores."""
 
-    def __init__(self, base: BaseModel, lean: bool = True, kv_dtype: str | torch.dtype | None = None):
+    def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True,
+                 kv_dtype: str | torch.dtype | None = None):
         """`lean=False` runs every step through transformers' forward with row-indexed LoRA layers
         instead of the fused decode step of `cold.runner.llama_step`.
 
@@ -56,7 +57,7 @@ class ModelRunner:
         self.adapters: list[LoraAdapter] = []
         self.lean: LeanDecoder | None = None
         self._use_lean = lean and lean_supported(self.model)
-        self.set_adapters([])
+        self.set_adapters(adapters)
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
