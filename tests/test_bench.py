@@ -11,6 +11,10 @@ from typer.testing import CliRunner
 from cold.bench import cells as bench_cells
 from cold.bench import run as bench
 from cold.cli import app
+from cold.errors import ColdError
+from cold.load.demo import demo_adapter_dir
+from cold.tasks.prompts import make_style
+from cold.tasks.readers import get_task
 from conftest import make_lora
 
 runner = CliRunner()
@@ -88,6 +92,21 @@ def test_kv_dtype_reaches_the_engine_decoders_and_the_report(tiny_dir, tiny_lora
     assert [r["decoder"] for r in report["rows"]] == ["expert", "cold"]
 
 
+def test_cobatch_policies_are_rows_of_their_own_in_step_mode(tiny_dir, tiny_lora, tmp_path):
+    report_path = tmp_path / "policies.json"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--batch-sizes", "1",
+                                 "--repeats", "1", "--warmup", "1", "--decoders", "expert,cold", "--cobatch-steps", "0,always",
+                                 "--no-isolate", *TINY, "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert [(r["decoder"], r["kind"], r["cobatch_steps"]) for r in report["rows"]] == [
+        ("expert", "expert", None), ("cold K=0", "cold", 0), ("cold always", "cold", "always")]
+    assert report["settings"]["cobatch_steps"] == [0, "always"] and "--cobatch-steps 0,always" in report["command"]
+    targets = {t["target"] for t in report["targets"]}
+    assert {"cold K=0 step / expert step, batch 1", "cold always step / expert step, batch 1"} <= targets
+    assert "cold K=0" in result.stdout and "cold always" in result.stdout
+
+
 @pytest.mark.parametrize("refill", [False, True])
 def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, refill):
     problems = tmp_path / "gsm8k.jsonl"
@@ -101,8 +120,11 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, r
     report = json.loads(report_path.read_text())
     assert report["mode"] == "e2e" and report["memory"]["isolated"] is False
     assert [r["decoder"] for r in report["rows"]] == ["expert", "cold"]
+    assert report["settings"]["e2e_task"] == "gsm8k" and f"--e2e-task gsm8k --e2e-file {problems}" in report["command"]
     for r in report["rows"]:
         assert r["problems"] == 3 and len(r["lengths"]) == 3 and all(1 <= n <= 4 for n in r["lengths"])
+        assert r["ms_per_token"] == pytest.approx(r["wall_s"] * 1e3 / r["tokens"])
+        assert (r["amateur_fraction"] is None) == (r["decoder"] == "expert")
         assert r["tokens"] == sum(r["lengths"]) and r["wall_s"] > 0 and 0 <= r["hit_max_fraction"] <= 1
         assert 0 < r["prefill_s"] < r["wall_s"] and r["decode_s"] == pytest.approx(r["wall_s"] - r["prefill_s"])
         groups = 1 if refill else 2  # static: batches of 2 and 1, one per process; refill: one group of up to 8
@@ -113,6 +135,39 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, r
             assert r["steps"] == max(r["lengths"][:2]) + r["lengths"][2]
     assert report["paired"]["expert_hit_max"] >= report["paired"]["of_which_cold_stopped"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_e2e_on_coin_flip_reports_the_amateur_fraction_per_policy(tiny_dir, tiny_lora, tmp_path):
+    report_path, md = tmp_path / "coin.json", tmp_path / "coin.md"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--e2e", "2",
+                                 "--e2e-task", "coin_flip", "--e2e-batch-size", "2", "--new-tokens", "4", "--threads", "1",
+                                 "--cobatch-steps", "0,always", "--no-isolate", "--json", str(report_path), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["e2e_task"] == "coin_flip" and report["settings"]["e2e_file"].endswith("coin_flip/coin_flip.json")
+    assert "--e2e-task coin_flip" in report["command"] and "--cobatch-steps 0,always" in report["command"]
+    assert [(r["decoder"], r["cobatch_steps"]) for r in report["rows"]] == [("expert", None), ("cold K=0", 0), ("cold always", "always")]
+    for r in report["rows"]:
+        assert r["problems"] == 2 and r["ms_per_token"] > 0
+        if r["decoder"] == "expert":
+            assert r["amateur_fraction"] is None and r["amateur_steps"] is None
+        else:
+            assert 0 <= r["amateur_fraction"] <= 1 and r["amateur_steps"] == sum(r["amateur_steps_per_problem"])
+            assert all(0 <= a <= n for a, n in zip(r["amateur_steps_per_problem"], r["lengths"]))
+    assert report["paired"]["cold"] == "cold K=0"
+    assert any(line.startswith("| decoder |") and "| wall s | ms/token | amateur % |" in line for line in md.read_text().splitlines())
+    assert "amateur %" in result.stdout and "ms/token" in result.stdout
+
+
+def test_e2e_prompts_and_adapter_are_cold_evals_for_the_task(tmp_path):
+    task = get_task("coin_flip")
+    name, path = bench.e2e_source("coin_flip", None)
+    assert (name, path) == ("coin_flip", str(task.path("test")))
+    problems = task.read(task.path("test"))
+    assert bench.e2e_prompts("coin_flip", path, 2) == [make_style("chat", task.family).render(p) for p in problems[:2]]
+    assert bench._resolve_adapter("smollm2", None, tmp_path, "coin_flip") == (str(demo_adapter_dir("smollm2", "coin_flip")), None)
+    with pytest.raises(ColdError, match="--e2e-task gsm8k: model 'gemma3' has no demo adapter for it"):
+        bench._resolve_adapter("gemma3", None, tmp_path, "gsm8k")
 
 
 @pytest.mark.parametrize(
@@ -127,6 +182,13 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, r
         (["--dtype", "float64"], "float64"),
         (["--kv-dtype", "bfloat16"], "--kv-dtype applies to our engine's decoders"),
         (["--kv-dtype", "int8", "--decoders", "expert,cold"], "int8"),
+        (["--cobatch-steps", "-1"], "--cobatch-steps: '-1' is not a policy; give integers >= 0 or 'always'"),
+        (["--cobatch-steps", "0,sometimes"], "--cobatch-steps: 'sometimes' is not a policy"),
+        (["--cobatch-steps", ","], "--cobatch-steps: no policy given"),
+        (["--cobatch-steps", "0", "--decoders", "expert,base"], "--cobatch-steps applies to the cold decoder"),
+        (["--e2e", "2", "--e2e-task", "chess"], "--e2e-task chess: not a built-in task"),
+        (["--e2e-task", "coin_flip"], "--e2e-task and --e2e-file apply to end-to-end mode"),
+        (["--e2e", "2", "--e2e-file", "/nonexistent/test.jsonl"], "--e2e-file /nonexistent/test.jsonl: file not found"),
     ],
 )
 def test_bad_options_are_refused_with_a_clear_error(args, message):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cold.cli import app
 from cold.errors import ColdError
-from cold.evaluation import stats
+from cold.evaluation import report, stats
 from cold.evaluation.decoders import DecoderSpec, parse_decoder, parse_decoders
 from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
 from cold.tasks.extract import extract, is_correct, normalize_gold, normalize_number
@@ -262,6 +262,7 @@ class _Out:
     text: str
     token_ids: list
     finish_reason: str
+    amateur_steps: int | None = None
 
 
 class _FakeEngine:
@@ -298,6 +299,40 @@ def test_runner_resumes_and_survives_a_cut_line(tmp_path):
     r = results["expert"][5]
     assert r["prompt"] == "Question: xxxxx\nAnswer:" and r["answer"] == {"strict": str(len(r["prompt"]) % 3), "flexible": str(len(r["prompt"]) % 3)}
     assert r["correct"]["strict"] == (r["answer"]["strict"] == r["gold"])
+
+
+class _AmateurEngine(_FakeEngine):
+    """Like _FakeEngine, and CoLD's answers say that one of their three steps needed the amateur."""
+
+    def generate(self, prompts, **kwargs):
+        outputs = super().generate(prompts, **kwargs)
+        for out in outputs:
+            out.amateur_steps = 1 if kwargs["decoder"] == "cold" else None
+        return outputs
+
+
+def test_records_carry_the_amateur_fraction_and_older_records_without_it_resume(tmp_path):
+    problems = [Problem(str(i), "x" * i, str(i % 3)) for i in range(4)]
+    specs = parse_decoders("expert,cold@0.1/0.5")
+    style = make_style("zero-shot")
+    run_decoders(_FakeEngine(), problems[:2], specs, style, "number", tmp_path, max_new_tokens=8, batch_size=2)
+    for spec in specs:  # records written before the field existed
+        store = RecordFile(tmp_path / "records" / spec.filename)
+        old = [{k: v for k, v in r.items() if not k.startswith("amateur_")} for r in store.load().values()]
+        store.rewrite(old)
+    results, generated = run_decoders(_AmateurEngine(), problems, specs, style, "number", tmp_path, max_new_tokens=8, batch_size=2)
+    assert generated == {"expert": 2, "cold@0.1/0.5": 2}
+    cold = {r["id"]: r for r in results["cold@0.1/0.5"]}
+    assert "amateur_fraction" not in cold["0"] and (cold["2"]["amateur_steps"], cold["2"]["amateur_fraction"]) == (1, 1 / 3)
+    assert all(r.get("amateur_fraction") is None for r in results["expert"])
+    summary = report.summarize(results, n_boot=100)
+    assert [d["amateur_fraction"] for d in summary["decoders"]] == [None, pytest.approx(1 / 3)]
+    header, rows = report.decoder_rows(summary, amateur=True)
+    assert header[-1] == "amateur steps" and [row[-1] for row in rows] == ["-", "33.3%"]
+    assert "amateur steps: mean over problems" in report.markdown(summary) and "| amateur steps |" in report.markdown(summary)
+    assert report.amateur_line(summary).endswith("more than one token): cold@0.1/0.5 33.3%.")
+    no_cold = report.summarize({"expert": results["expert"]}, n_boot=100)
+    assert "amateur steps" not in report.decoder_rows(no_cold, amateur=True)[0] and "amateur steps" not in report.markdown(no_cold)
 
 
 def test_run_dir_refuses_other_settings(tmp_path):
@@ -342,10 +377,18 @@ def test_eval_end_to_end_on_the_tiny_model_then_resumes(tiny_dir, tiny_lora, tmp
             assert r["decoder"] == label and r["gold"] in ("yes", "no") and set(r["answer"]) == set(r["correct"]) == {"strict", "flexible"}
             assert 1 <= r["tokens"] <= 6 and r["time_s"] > 0 and r["hit_max"] == (r["finish_reason"] == "length")
             assert r["prompt"].startswith("Question: A coin is heads up.") and r["prompt"].endswith("\nAnswer:")
+    for label in labels:  # CoLD's records say how many steps needed the amateur; the others' are null
+        for r in records[label]:
+            if label.startswith("cold"):
+                assert 0 <= r["amateur_steps"] <= r["tokens"] and 0 <= r["amateur_fraction"] <= 1
+                assert r["amateur_fraction"] == pytest.approx(r["amateur_steps"] / r["tokens"])
+            else:
+                assert r["amateur_steps"] is None and r["amateur_fraction"] is None
     by_id = {label: {r["id"]: r["output"] for r in records[label]} for label in labels}
     assert by_id["cold@0.1/0"] == by_id["expert"]  # beta = 0 is plain expert decoding
     summary = json.loads((out / "summary.json").read_text())
     assert [d["decoder"] for d in summary["decoders"]] == labels and summary["headline"] == "flexible"
+    assert [d["amateur_fraction"] is not None for d in summary["decoders"]] == [label.startswith("cold") for label in labels]
     assert len(summary["pairs"]) == len(labels) * (len(labels) - 1) // 2
     same = next(p for p in summary["pairs"] if p["a"] == "cold@0.1/0" and p["b"] == "expert")
     assert (same["flexible"]["value"], same["flexible"]["low"], same["flexible"]["high"]) == (0, 0, 0)
@@ -353,6 +396,7 @@ def test_eval_end_to_end_on_the_tiny_model_then_resumes(tiny_dir, tiny_lora, tmp
     assert "| decoder | n | accuracy (flexible, headline) |" in markdown and "## Paired differences (flexible)" in markdown
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy (flexible, headline)" in result.stdout and "cold@0.1/0.5 − expert" in result.stdout
+    assert "Steps that needed the amateur" in result.stdout and "| amateur steps |" in markdown
     before = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
 
     # rerun: everything is resumed from the records, the model is not even loaded

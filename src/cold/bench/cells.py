@@ -30,6 +30,7 @@ from cold.errors import ColdError
 from cold.load.adapters import read_adapter
 from cold.load.models import load_base
 from cold.params import DecodeParams
+from cold.sampling.amateur import ALWAYS
 
 ENGINE_DECODERS = ("base", "expert", "cold", "expert-reference", "cold-reference")
 REFERENCE_SUFFIX = "-reference"  # our engine without the lean decode step (cold.runner.llama_step)
@@ -38,7 +39,8 @@ DECODERS = {
     "base": "base model alone, greedy (our engine, no adapter loaded)",
     "expert": "LoRA unmerged, greedy (our engine, decoder=expert)",
     "expert-merged": "LoRA merged into the weights (PEFT merge_and_unload), plain HF greedy loop",
-    "cold": "CoLD, our engine: expert and amateur rows in one pass over shared weights",
+    "cold": "CoLD, our engine: expert and amateur rows in one pass over shared weights (the lazy amateur: its rows "
+            "only where the plausibility mask leaves more than one token, policy --cobatch-steps)",
     "cold-naive": "CoLD, two forward passes per step, two caches (PEFT; amateur under disable_adapter())",
     "cold-peft-mixed": "CoLD, PEFT mixed batch: one pass on 2N rows, adapter_names=[default, __base__]*N",
     "expert-peft": "LoRA unmerged, PEFT model, plain HF greedy loop (not run by default)",
@@ -51,6 +53,13 @@ CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed", "cold-reference"}
 
 
 # ---- process-level helpers ---------------------------------------------------------------------
+
+
+def cobatch_kwargs(policy) -> dict:
+    """`Engine`'s keyword for a --cobatch-steps policy (an integer or "always"); {} for None: the engine's default."""
+    if policy is None:
+        return {}
+    return {"cobatch_steps": ALWAYS if policy == "always" else int(policy)}
 
 
 def set_threads(threads: int | None) -> int:
@@ -133,7 +142,8 @@ class EngineRunner:
         decoder = spec["decoder"].removesuffix(REFERENCE_SUFFIX)
         base = load_base(spec["model"], device=spec["device"], dtype=spec["dtype"])
         adapters = [] if decoder == "base" else [read_adapter(spec["adapter"])]
-        self.engine = Engine(base, adapters, lean=not spec["decoder"].endswith(REFERENCE_SUFFIX), kv_dtype=spec.get("kv_dtype"))
+        self.engine = Engine(base, adapters, lean=not spec["decoder"].endswith(REFERENCE_SUFFIX), kv_dtype=spec.get("kv_dtype"),
+                             **cobatch_kwargs(spec.get("cobatch_steps")))
         # the transformer body, timed by ForwardClock: the lean decode step where it replaces it
         self.module = self.engine.lean or self.engine.model.get_decoder()
         self.params = DecodeParams(
@@ -412,11 +422,12 @@ def _time_calls(obj, name: str, device: torch.device) -> list[float]:
     return seconds
 
 
-def decode_refilling(engine, questions: list[str], params, batch_size: int) -> tuple[list[int], list[str], int]:
+def decode_refilling(engine, questions: list[str], params, batch_size: int) -> tuple[list[int], list[str], list, int]:
     """Continuous batching: keep `batch_size` sequences running, a new problem joins as soon as
-    one finishes (`RunningBatch.join` between steps, as the server does). Lengths, reasons, steps."""
+    one finishes (`RunningBatch.join` between steps, as the server does). Lengths, reasons, the
+    steps that needed the amateur (None but for CoLD), steps."""
     requests = [engine.make_request(q, params, chat=True) for q in questions]
-    lengths, reasons = [0] * len(requests), [""] * len(requests)
+    lengths, reasons, amateur = [0] * len(requests), [""] * len(requests), [None] * len(requests)
     batch, joined, steps = RunningBatch(engine.runner), 0, 0
     while joined < len(requests) or len(batch):
         free = min(batch_size - len(batch), len(requests) - joined)
@@ -427,17 +438,19 @@ def decode_refilling(engine, questions: list[str], params, batch_size: int) -> t
         for key, event in batch.step():
             lengths[key] += len(event.token_ids)
             reasons[key] = event.finish_reason or reasons[key]
-    return lengths, reasons, steps
+            if event.amateur_steps is not None:  # on a CoLD sequence's last event
+                amateur[key] = event.amateur_steps
+    return lengths, reasons, amateur, steps
 
 
 def e2e_cell(spec: dict) -> dict:
     """End to end on a group of problems: chat prompts, EOS honoured. Static batches (finished rows
     leave, as in `cold generate`) or, with `refill`, continuous batching; wall time after a short
-    warm-up, generated lengths."""
+    warm-up, generated lengths, and per problem the steps that needed the amateur (None but for CoLD)."""
     threads = set_threads(spec["threads"])
     device = torch.device(spec["device"])
     engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])],
-                    kv_dtype=spec.get("kv_dtype"))
+                    kv_dtype=spec.get("kv_dtype"), **cobatch_kwargs(spec.get("cobatch_steps")))
     params = DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
     questions = spec["questions"]
     engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
@@ -446,13 +459,14 @@ def e2e_cell(spec: dict) -> dict:
     _sync(device)
     started = time.perf_counter()
     if spec.get("refill"):
-        lengths, reasons, steps = decode_refilling(engine, questions, params, spec["batch_size"])
+        lengths, reasons, amateur, steps = decode_refilling(engine, questions, params, spec["batch_size"])
     else:
-        lengths, reasons, steps = [], [], 0
+        lengths, reasons, amateur, steps = [], [], [], 0
         for start in range(0, len(questions), spec["batch_size"]):
             generations = engine.generate(questions[start : start + spec["batch_size"]], params, chat=True)
             lengths += [len(g.token_ids) for g in generations]
             reasons += [g.finish_reason for g in generations]
+            amateur += [g.amateur_steps for g in generations]
             steps += max(len(g.token_ids) for g in generations)  # a static batch runs until its longest row ends
     _sync(device)
     return {
@@ -462,6 +476,7 @@ def e2e_cell(spec: dict) -> dict:
         "prefill_s": sum(prefill) if prefill else None,
         "lengths": lengths,
         "finish_reasons": reasons,
+        "amateur_steps": amateur,
         "steps": steps,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu_mb(device),

@@ -22,6 +22,11 @@ MAX_MEMORY_RATIO = 1.1  # cold peak RSS / expert peak RSS
 MIN_FLOOR_FRACTION = 0.6  # cold at batch 1
 
 
+def kind(row: dict) -> str:
+    """The decoder a row ran: its label without the lazy-amateur policy ("cold K=0" -> "cold")."""
+    return row.get("kind") or row["decoder"]
+
+
 def _median(values):
     return statistics.median(values) if values else None
 
@@ -36,17 +41,20 @@ def _prefix_agreement(mine: list[list[int]], theirs: list[list[int]]) -> float:
 
 
 def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict]:
-    """One row per (decoder, batch size) with medians, rates, floors and ratios."""
+    """One row per (decoder, batch size) with medians, rates, floors and ratios; a decoder run under several
+    lazy-amateur policies has a row per policy (`decoder` its label, `kind` the decoder)."""
     rows = []
     for cell in cells:
         step = _median(cell["step_ms"])
         forward = _median(cell["body_ms"]) if cell.get("body_ms") else None
         batch = cell["batch_size"]
-        read = info["weight_bytes"] + (info["lora_bytes"] if cell["decoder"] in USES_LORA else 0)
+        read = info["weight_bytes"] + (info["lora_bytes"] if kind(cell) in USES_LORA else 0)
         floor_ms = read / (bandwidth_gbps * 1e9) * 1e3
         per_repeat = len(cell["step_ms"]) // max(len(cell["prefill_ms"]), 1)
         rows.append({
             "decoder": cell["decoder"],
+            "kind": kind(cell),
+            "cobatch_steps": cell.get("cobatch_steps"),
             "batch_size": batch,
             "prefill_ms": _median(cell["prefill_ms"]),
             "step_ms": step,
@@ -76,7 +84,7 @@ def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict
         r["vs_expert"] = r["step_ms"] / expert["step_ms"] if expert else None
         r["vs_cold_naive"] = r["step_ms"] / naive["step_ms"] if naive else None
         r["memory_vs_expert"] = r["peak_rss_mb"] / expert["peak_rss_mb"] if expert else None
-        ref = REFERENCE.get(r["decoder"])
+        ref = REFERENCE.get(r["kind"])
         if ref and (ref, b) in tokens:
             r["agreement_with"] = ref
             r["agreement"] = _prefix_agreement(tokens[(r["decoder"], b)], tokens[(ref, b)])
@@ -86,32 +94,38 @@ def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 4's goals checked on these rows (only the measurable ones)."""
+    """Issue 4's goals checked on these rows (only the measurable ones); every cold row (one per
+    lazy-amateur policy) is checked, named by its label."""
     by_key = {(r["decoder"], r["batch_size"]): r for r in rows}
     batches = sorted({r["batch_size"] for r in rows})
+    colds = [r for r in rows if kind(r) == "cold"]
     found = []
 
     def add(name, value, limit, ok):
         found.append({"target": name, "value": value, "limit": limit, "ok": bool(ok)})
 
+    def cold_at(b):
+        return [r for r in colds if r["batch_size"] == b]
+
     for b, limit in STEP_RATIO_LIMITS.items():
-        cold = by_key.get(("cold", b))
-        if cold and cold["vs_expert"] is not None:
-            add(f"cold step / expert step, batch {b}", cold["vs_expert"], f"<= {limit}", cold["vs_expert"] <= limit)
+        for cold in cold_at(b):
+            if cold["vs_expert"] is not None:
+                add(f"{cold['decoder']} step / expert step, batch {b}", cold["vs_expert"], f"<= {limit}",
+                    cold["vs_expert"] <= limit)
     for other in ("cold-naive", "cold-peft-mixed"):
         for b in batches:
-            cold, slow = by_key.get(("cold", b)), by_key.get((other, b))
-            if cold and slow:
+            slow = by_key.get((other, b))
+            for cold in cold_at(b) if slow else []:
                 speedup = slow["step_ms"] / cold["step_ms"]
-                add(f"{other} step / cold step, batch {b}", speedup, f">= {MIN_SPEEDUP}", speedup >= MIN_SPEEDUP)
+                add(f"{other} step / {cold['decoder']} step, batch {b}", speedup, f">= {MIN_SPEEDUP}", speedup >= MIN_SPEEDUP)
     for b in batches:
-        cold = by_key.get(("cold", b))
-        if cold and cold["memory_vs_expert"] is not None:
-            ratio = cold["memory_vs_expert"]
-            add(f"cold peak RSS / expert peak RSS, batch {b}", ratio, f"<= {MAX_MEMORY_RATIO}", ratio <= MAX_MEMORY_RATIO)
-    cold = by_key.get(("cold", 1))
-    if cold:
-        add("cold fraction of the bandwidth floor, batch 1", cold["floor_fraction"], f">= {MIN_FLOOR_FRACTION}",
+        for cold in cold_at(b):
+            if cold["memory_vs_expert"] is not None:
+                ratio = cold["memory_vs_expert"]
+                add(f"{cold['decoder']} peak RSS / expert peak RSS, batch {b}", ratio, f"<= {MAX_MEMORY_RATIO}",
+                    ratio <= MAX_MEMORY_RATIO)
+    for cold in cold_at(1):
+        add(f"{cold['decoder']} fraction of the bandwidth floor, batch 1", cold["floor_fraction"], f">= {MIN_FLOOR_FRACTION}",
             cold["floor_fraction"] >= MIN_FLOOR_FRACTION)
     return found
 
@@ -152,10 +166,20 @@ def _kv(settings: dict) -> str:
     return f" (KV cache {settings['kv_dtype']})" if settings.get("kv_dtype") else ""
 
 
+def policy_lines(report: dict) -> list[str]:
+    """A line naming the lazy-amateur policy of each cold row (none without cold rows)."""
+    colds = list(dict.fromkeys((r["decoder"], r.get("cobatch_steps")) for r in report["rows"] if kind(r) == "cold"))
+    if not colds:
+        return []
+    shown = ", ".join("cold " + ("always" if p == "always" else f"K={p}") for _, p in colds)
+    return [f"lazy amateur (--cobatch-steps): {shown}; K = steps an amateur stays co-batched with its expert after it "
+            "was needed (0 = fully lazy), always = every step"]
+
+
 def header_lines(report: dict) -> list[str]:
     m, s, i, bw = report["machine"], report["settings"], report["info"], report["bandwidth"]
     lora = f"LoRA r={i['adapter_rank']} on {i['adapter_modules']} modules, {i['lora_bytes'] / 2**20:.1f} MiB" if i["adapter"] else "no adapter"
-    return [
+    return policy_lines(report) + [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} ({i['architecture']}, {i['params'] / 1e6:.0f}M params, {s['dtype']}{_kv(s)}, "
@@ -257,6 +281,8 @@ E2E_COLUMNS = [
     ("decoder", "decoder", "{}"),
     ("problems", "problems", "{}"),
     ("wall s", "wall_s", "{:.1f}"),
+    ("ms/token", "ms_per_token", "{:.1f}"),
+    ("amateur %", "amateur_fraction", "{:.0%}"),
     ("prefill s", "prefill_s", "{:.1f}"),
     ("tokens", "tokens", "{}"),
     ("tokens/problem", "tokens_per_problem", "{:.1f}"),
@@ -270,12 +296,26 @@ E2E_COLUMNS = [
 ]
 
 
+def amateur_fraction(amateur_steps: list, lengths: list[int]) -> tuple[int | None, float | None]:
+    """(steps that needed the amateur, their fraction of all generated tokens) over the problems;
+    (None, None) unless every problem has a count (only CoLD's do)."""
+    if not amateur_steps or len(amateur_steps) != len(lengths) or any(a is None for a in amateur_steps):
+        return None, None
+    return sum(amateur_steps), sum(amateur_steps) / max(sum(lengths), 1)
+
+
 def summarize_e2e(cells: list[dict]) -> list[dict]:
+    """One row per decoder (per lazy-amateur policy for cold): totals, rates, time per token and the
+    fraction of CoLD's steps that needed the amateur; ratios against expert."""
     rows = []
     for c in cells:
         tokens = sum(c["lengths"])
+        amateur, fraction = amateur_fraction(c.get("amateur_steps"), c["lengths"])
         rows.append({
-            "decoder": c["decoder"], "problems": len(c["lengths"]), "wall_s": c["wall_s"], "tokens": tokens,
+            "decoder": c["decoder"], "kind": kind(c), "cobatch_steps": c.get("cobatch_steps"),
+            "problems": len(c["lengths"]), "wall_s": c["wall_s"], "tokens": tokens,
+            "ms_per_token": c["wall_s"] * 1e3 / max(tokens, 1), "amateur_steps": amateur, "amateur_fraction": fraction,
+            "amateur_steps_per_problem": c.get("amateur_steps"),
             "tokens_per_problem": tokens / max(len(c["lengths"]), 1),
             "hit_max_fraction": sum(r == "length" for r in c["finish_reasons"]) / max(len(c["lengths"]), 1),
             "tokens_per_s": tokens / c["wall_s"], "peak_rss_mb": c["peak_rss_mb"], "lengths": c["lengths"],
@@ -295,15 +335,17 @@ def summarize_e2e(cells: list[dict]) -> list[dict]:
 
 
 def e2e_paired(rows: list[dict]) -> dict | None:
-    """Per-problem comparison of cold with expert: where do the saved tokens come from?"""
-    by = {r["decoder"]: r for r in rows}
-    if "cold" not in by or "expert" not in by:
+    """Per-problem comparison of cold (the first cold row, when there is one per policy) with expert:
+    where do the saved tokens come from?"""
+    e = next((r for r in rows if r["decoder"] == "expert"), None)
+    c = next((r for r in rows if kind(r) == "cold"), None)
+    if e is None or c is None:
         return None
-    e, c = by["expert"], by["cold"]
     runaway = [i for i, r in enumerate(e["finish_reasons"]) if r == "length"]
     saved_runaway = sum(e["lengths"][i] - c["lengths"][i] for i in runaway)
     saved = sum(e["lengths"]) - sum(c["lengths"])
     return {
+        "cold": c["decoder"],
         "tokens_saved": saved,
         "expert_hit_max": len(runaway),
         "of_which_cold_stopped": sum(c["finish_reasons"][i] == "stop" for i in runaway),
@@ -318,21 +360,23 @@ def e2e_paired(rows: list[dict]) -> dict | None:
 
 def e2e_header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
-    return [
+    return policy_lines(report) + [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} {s['dtype']}{_kv(s)}, adapter {report['info']['adapter']}",
-        f"task: the first {s['e2e']} problems of {s['e2e_file']}, chat prompt, "
+        f"task: {s.get('e2e_task', 'gsm8k')}, the first {s['e2e']} problems of {s['e2e_file']}, chat prompt (as cold eval), "
         + (f"continuous batching of {s['e2e_batch_size']} (a problem joins as one finishes; groups of "
            f"{4 * s['e2e_batch_size']} problems per process)" if s.get("e2e_refill") else
            f"static batches of {s['e2e_batch_size']} (finished rows leave, no refill; one batch per process)")
         + f", EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}; decoders interleaved",
+        "ms/token = wall time / tokens generated; amateur % = CoLD steps that needed the amateur (the plausibility "
+        "mask left more than one token) / tokens generated",
     ]
 
 
 def _paired_sentence(paired: dict) -> str:
     return (
-        f"cold vs expert: {paired['tokens_saved']} tokens fewer in all; expert ran to max tokens on "
+        f"{paired.get('cold', 'cold')} vs expert: {paired['tokens_saved']} tokens fewer in all; expert ran to max tokens on "
         f"{paired['expert_hit_max']} problems, cold stopped on {paired['of_which_cold_stopped']} of them "
         f"({paired['tokens_saved_on_expert_runaways']} tokens saved there); cold ran to max where expert stopped on "
         f"{paired['cold_hit_max_where_expert_stopped']}; cold shorter on {paired['cold_shorter']}, longer on {paired['cold_longer']} problems"
@@ -375,7 +419,8 @@ def plot_e2e(report: dict, path) -> None:
     left.set_xlabel("generated tokens per problem")
     left.set_ylabel("problems")
     left.legend(fontsize=8)
-    names = [r["decoder"] for r in rows]
+    names = [f"{r['decoder']}\n{r['ms_per_token']:.1f} ms/token" + (f"\namateur {r['amateur_fraction']:.0%}"
+             if r.get("amateur_fraction") is not None else "") for r in rows]
     right.bar(np.arange(len(rows)) - 0.2, [r["wall_s"] for r in rows], 0.4, label="wall s")
     twin = right.twinx()
     twin.bar(np.arange(len(rows)) + 0.2, [r["tokens"] for r in rows], 0.4, color="tab:orange", label="tokens")

@@ -3,6 +3,7 @@
     cold bench                                   # default model, its adapter, batch 1, 4, 16
     cold bench --batch-sizes 1 --decoders cold,expert --json bench/latest.json --plot bench/latest.png
     cold bench --e2e 200 --new-tokens 256        # end to end on GSM8K: expert greedy vs cold
+    cold bench --e2e 100 --e2e-task coin_flip --cobatch-steps 0,4,always   # coin flip, three lazy-amateur policies
 
 Step mode: `repeats` rounds; in each round every decoder at every batch size runs in its own
 fresh process (so peak memory is per decoder), on the same seeded random prompts: load, an
@@ -12,8 +13,14 @@ the drift of a busy machine hits all of them alike. The copy bandwidth is measur
 round and at the end, in the same kind of process. What each decoder is:
 `cold.bench.cells.DECODERS`; the derived columns: `cold.bench.report`.
 
-End-to-end mode (`--e2e N`): N GSM8K test problems as chat prompts, EOS honoured, batched like
-`cold generate`; total wall time, tokens generated, and how many runs hit max tokens.
+End-to-end mode (`--e2e N`): the first N problems of a task (`--e2e-task`, default GSM8K's test file)
+as chat prompts, the way `cold eval` builds them, EOS honoured, batched like `cold generate`; total wall
+time, time per generated token, tokens generated, how many runs hit max tokens, and the fraction of
+CoLD's steps that needed the amateur.
+
+`--cobatch-steps` lists lazy-amateur policies (`cold.sampling.amateur`): in both modes the `cold`
+decoder runs once per policy, each its own row ("cold K=0", "cold always", ...; plain "cold" when
+one policy is given), interleaved with the other decoders like they are with each other.
 
 The command and its options: `cold.cli.bench`, which checks them and calls `measure`. torch, transformers
 and the cells are imported inside the functions that measure, so that `cold --help` does not import them.
@@ -34,8 +41,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from cold.errors import ColdError
-from cold.load.demo import demo_adapter_dir
-from cold.load.paths import data_root
+from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
+from cold.tasks import readers as tasks
+from cold.tasks.prompts import make_style
 
 # Kept here (not imported from cold.bench.cells) so that `cold --help` does not import torch;
 # tests check it matches bench_cells.DECODERS / DEFAULT_DECODERS.
@@ -43,8 +51,11 @@ DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-
                  "expert-reference", "cold-reference")
 DEFAULT_DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
 
-DEFAULT_GSM8K = data_root() / "gsm8k" / "test.jsonl"
 E2E_DECODERS = ("expert", "cold")
+E2E_TASKS = tuple(tasks.TASKS)  # built-in tasks; each has a demo adapter of the default model
+DEFAULT_E2E_TASK = "gsm8k"
+POLICY_DECODERS = ("cold",)  # the decoders that --cobatch-steps runs once per lazy-amateur policy
+ALWAYS = "always"  # the --cobatch-steps policy that keeps every amateur co-batched (cold.sampling.amateur.ALWAYS)
 REFILL_GROUP = 4  # with --e2e-refill, each measuring process decodes 4 batches' worth of problems
 SCHEMA = "cold-bench/1"
 
@@ -92,13 +103,16 @@ def command_line(s: dict) -> str:
     if s["adapter_given"]:
         parts += ["--adapter", s["adapter_given"]]
     if s["e2e"]:
-        parts += ["--e2e", str(s["e2e"]), "--e2e-file", s["e2e_file"], "--e2e-batch-size", str(s["e2e_batch_size"])]
+        parts += ["--e2e", str(s["e2e"]), "--e2e-task", s["e2e_task"], "--e2e-file", s["e2e_file"],
+                  "--e2e-batch-size", str(s["e2e_batch_size"])]
         parts += ["--e2e-refill"] if s["e2e_refill"] else []
     else:
         parts += ["--batch-sizes", ",".join(map(str, s["batch_sizes"])), "--prompt-tokens", str(s["prompt_tokens"]),
                   "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--seed", str(s["seed"])]
     parts += ["--new-tokens", str(s["new_tokens"]), "--decoders", ",".join(s["decoders"]),
               "--alpha", str(s["alpha"]), "--beta", str(s["beta"]), "--device", s["device"], "--dtype", s["dtype"]]
+    if any(d in POLICY_DECODERS for d in s["decoders"]):
+        parts += ["--cobatch-steps", ",".join(map(str, s["cobatch_steps"]))]
     if s["kv_dtype"]:
         parts += ["--kv-dtype", s["kv_dtype"]]
     if s["threads"]:
@@ -159,17 +173,47 @@ class LoadMeter:
         return max(0.0, (end - self.start_busy - ours) / (time.perf_counter() - self.start_wall))
 
 
-def _resolve_adapter(model: str, adapter: str | None, tmp: Path) -> tuple[str | None, str | None]:
-    """(adapter dir, directory to write a random LoRA into): the given one, the demo one, or a random one."""
+def _resolve_adapter(model: str, adapter: str | None, tmp: Path, task: str = "") -> tuple[str | None, str | None]:
+    """(adapter dir, directory to write a random LoRA into): the given one, the demo one (of `task`, else the
+    model's default), or a random one for a model without demo adapters. A built-in model without a demo
+    adapter for `task` is refused (a random LoRA would not decode the task)."""
     if adapter:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ColdError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
         return adapter, None
-    demo = demo_adapter_dir(model)
+    demo = demo_adapter_dir(model, task)
     if demo is not None:
         return str(demo), None
+    if task and model in DEMO_ADAPTERS:
+        raise ColdError(f"--e2e-task {task}: model {model!r} has no demo adapter for it (it has: "
+                        f"{', '.join(DEMO_ADAPTERS[model])}); give --adapter DIR")
     random_dir = tmp / "random-lora-r8"
     return str(random_dir), str(random_dir)
+
+
+def policy_runs(decoders: list[str], policies: list) -> list[dict]:
+    """One entry per row to measure: {"label", "decoder", "cobatch_steps"}. Each decoder of POLICY_DECODERS
+    once per policy (labelled "cold K=0", "cold always"; just "cold" when there is one policy), the others
+    once with cobatch_steps None (the engine's default, which they do not use)."""
+    runs = []
+    for decoder in decoders:
+        if decoder not in POLICY_DECODERS:
+            runs.append({"label": decoder, "decoder": decoder, "cobatch_steps": None})
+            continue
+        for policy in policies:
+            label = decoder if len(policies) == 1 else f"{decoder} {policy_name(policy)}"
+            runs.append({"label": label, "decoder": decoder, "cobatch_steps": policy})
+    return runs
+
+
+def policy_name(policy) -> str:
+    """'K=4' for an integer policy, 'always' for ALWAYS."""
+    return ALWAYS if policy == ALWAYS else f"K={policy}"
+
+
+def _tagged(result: dict, run: dict) -> dict:
+    """A cell's result named by its row: decoder = the row's label, kind = the decoder it ran, its policy."""
+    return {**result, "decoder": run["label"], "kind": run["decoder"], "cobatch_steps": run["cobatch_steps"]}
 
 
 # ---- the two modes ---------------------------------------------------------------------------------
@@ -191,23 +235,24 @@ def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
     prompts = info.pop("prompts")
     bandwidth_spec = {**common, "bandwidth_mb": s["bandwidth_mb"]}
     bandwidth, parts = [], {}
-    total, done = s["repeats"] * len(s["batch_sizes"]) * len(s["decoders"]), 0
+    runs = policy_runs(s["decoders"], s["cobatch_steps"])
+    total, done = s["repeats"] * len(s["batch_sizes"]) * len(runs), 0
     for round_ in range(s["repeats"]):  # round-robin: drift of a busy machine hits every decoder alike
         say(f"round {round_ + 1}/{s['repeats']}: measuring copy bandwidth")
         bandwidth.append(cells.run(bench_cells.bandwidth_cell, bandwidth_spec, "copy bandwidth"))
-        shift = round_ % len(s["decoders"])
-        order = s["decoders"][shift:] + s["decoders"][:shift]  # rotate, so no decoder always runs first
+        shift = round_ % len(runs)
+        order = runs[shift:] + runs[:shift]  # rotate, so no decoder always runs first
         for b in s["batch_sizes"]:
-            for decoder in order:
+            for run in order:
                 done += 1
-                say(f"round {round_ + 1}/{s['repeats']}, batch {b}: {decoder} ({done}/{total})")
-                spec = {**common, "decoder": decoder, "adapter": s["adapter"], "prompts": prompts[:b],
-                        "repeats": 1, "warmup": s["warmup"]}
-                parts.setdefault((decoder, b), []).append(
-                    cells.run(bench_cells.decoder_cell, spec, f"{decoder} at batch {b}"))
+                say(f"round {round_ + 1}/{s['repeats']}, batch {b}: {run['label']} ({done}/{total})")
+                spec = {**common, "decoder": run["decoder"], "cobatch_steps": run["cobatch_steps"], "adapter": s["adapter"],
+                        "prompts": prompts[:b], "repeats": 1, "warmup": s["warmup"]}
+                result = cells.run(bench_cells.decoder_cell, spec, f"{run['label']} at batch {b}")
+                parts.setdefault((run["label"], b), []).append(_tagged(result, run))
     say("measuring copy bandwidth")
     bandwidth.append(cells.run(bench_cells.bandwidth_cell, bandwidth_spec, "copy bandwidth"))
-    results = [merge_cells(parts[(d, b)]) for b in s["batch_sizes"] for d in s["decoders"]]
+    results = [merge_cells(parts[(r["label"], b)]) for b in s["batch_sizes"] for r in runs]
     machine["load_average_end"] = list(os.getloadavg())
     machine["other_cores_busy"] = meter.other_cores()
     machine["threads"] = results[0]["threads"] if results else bandwidth[0]["threads"]
@@ -250,7 +295,37 @@ def merge_cells(parts: list[dict]) -> dict:
     return merged
 
 
+def e2e_source(task: str | None, file: str | Path | None) -> tuple[str, str]:
+    """(task name, file to read) of end-to-end mode: a built-in task (default gsm8k) and the given file,
+    else the task's default split (test; commonsenseqa: dev) under the data directory."""
+    task = task or DEFAULT_E2E_TASK
+    if task not in E2E_TASKS:
+        raise ColdError(f"--e2e-task {task}: not a built-in task; choose from {', '.join(E2E_TASKS)}")
+    if file is not None:
+        if not Path(file).is_file():
+            raise ColdError(f"--e2e-file {file}: file not found")
+        return task, str(file)
+    the_task = tasks.get_task(task)
+    return task, str(the_task.path(the_task.default_split))
+
+
+def e2e_prompts(task: str, path: str | Path, count: int) -> list[str]:
+    """The first `count` problems of `path` as chat prompts (the user message), as `cold eval --prompt chat`
+    renders them. gsm8k reads any JSONL with a 'question' field (its prompt is the question); other tasks
+    read their own format."""
+    path = Path(path)
+    if task == "gsm8k":
+        return load_questions(path, count)
+    the_task = tasks.get_task(task)
+    problems = the_task.read(path)
+    if len(problems) < count:
+        raise ColdError(f"--e2e {count}: {path} has only {len(problems)} problems")
+    style = make_style("chat", the_task.family)
+    return [style.render(p) for p in problems[:count]]
+
+
 def load_questions(path: Path, count: int) -> list[str]:
+    """The 'question' field of the first `count` rows of a JSONL file, stripped."""
     if not path.is_file():
         raise ColdError(f"--e2e-file {path}: file not found")
     questions = []
@@ -269,7 +344,7 @@ def load_questions(path: Path, count: int) -> list[str]:
 
 
 def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
-    """End-to-end mode: the first N problems, expert greedy and cold, same prompts and max tokens."""
+    """End-to-end mode: the first N problems, expert greedy and cold (once per policy), same prompts and max tokens."""
     from cold.bench import cells as bench_cells  # torch-bound: not at `cold --help`
     from cold.bench import report as bench_report
 
@@ -277,7 +352,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
     say = progress or (lambda text: None)
     machine = machine_info()
     meter = LoadMeter(cells)
-    questions = load_questions(Path(s["e2e_file"]), s["e2e"])
+    questions = e2e_prompts(s["e2e_task"], Path(s["e2e_file"]), s["e2e"])
     common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "new_tokens")}
     if s["make_adapter"]:
         say("making a random LoRA")
@@ -285,23 +360,27 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
                                           "prompt_tokens": 1, "seed": 0}, "the model")
     size = s["e2e_batch_size"] * (REFILL_GROUP if s["e2e_refill"] else 1)  # problems per measuring process
     batches = [questions[i : i + size] for i in range(0, len(questions), size)]
-    parts: dict[str, list[dict]] = {d: [] for d in s["decoders"]}
-    for number, batch in enumerate(batches):  # interleaved, order flipped per batch: drift hits both alike
-        order = s["decoders"] if number % 2 == 0 else s["decoders"][::-1]
-        for decoder in order:
-            say(f"end to end, group {number + 1}/{len(batches)}: {decoder}")
-            spec = {**common, "decoder": decoder, "adapter": s["adapter"], "questions": batch,
-                    "batch_size": s["e2e_batch_size"], "refill": s["e2e_refill"]}
-            parts[decoder].append(cells.run(bench_cells.e2e_cell, spec, f"{decoder} end to end"))
+    runs = policy_runs(s["decoders"], s["cobatch_steps"])
+    parts: dict[str, list[dict]] = {r["label"]: [] for r in runs}
+    for number, batch in enumerate(batches):  # interleaved, order flipped per batch: drift hits all alike
+        order = runs if number % 2 == 0 else runs[::-1]
+        for run in order:
+            say(f"end to end, group {number + 1}/{len(batches)}: {run['label']}")
+            spec = {**common, "decoder": run["decoder"], "cobatch_steps": run["cobatch_steps"], "adapter": s["adapter"],
+                    "questions": batch, "batch_size": s["e2e_batch_size"], "refill": s["e2e_refill"]}
+            parts[run["label"]].append(_tagged(cells.run(bench_cells.e2e_cell, spec, f"{run['label']} end to end"), run))
     results = [
         {
             "decoder": d,
+            "kind": ps[0]["kind"],
+            "cobatch_steps": ps[0]["cobatch_steps"],
             "threads": ps[0]["threads"],
             "wall_s": sum(p["wall_s"] for p in ps),
             "batch_wall_s": [p["wall_s"] for p in ps],
             "prefill_s": None if any(p["prefill_s"] is None for p in ps) else sum(p["prefill_s"] for p in ps),
             "lengths": [n for p in ps for n in p["lengths"]],
             "finish_reasons": [r for p in ps for r in p["finish_reasons"]],
+            "amateur_steps": [a for p in ps for a in p["amateur_steps"]],
             "steps": sum(p["steps"] for p in ps),
             "peak_rss_mb": max(p["peak_rss_mb"] for p in ps),
         }
@@ -313,7 +392,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
     rows = bench_report.summarize_e2e(results)
     return {
         "schema": SCHEMA, "mode": "e2e", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(s),
-        "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"]},
+        "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"], "task": s["e2e_task"]},
         "memory": {"isolated": cells.isolate, "method": "VmHWM of the measuring process from after the warm-up to the "
                                                            "end; the largest over the batches"},
         "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill) and decoder, decoders "
@@ -336,7 +415,9 @@ def measure(settings: dict, isolate: bool, progress=None) -> dict:
     cells = None
     try:
         with tempfile.TemporaryDirectory(prefix="cold-bench-") as tmp:
-            settings["adapter"], settings["make_adapter"] = _resolve_adapter(settings["model"], settings["adapter_given"], Path(tmp))
+            task = settings["e2e_task"] if settings["e2e"] else ""
+            settings["adapter"], settings["make_adapter"] = _resolve_adapter(settings["model"], settings["adapter_given"],
+                                                                             Path(tmp), task)
             resolve_model_dir(settings["model"])  # convert a GGUF once, before the measuring processes start
             cells = Cells(isolate)
             report = (run_e2e if settings["e2e"] else run_bench)(settings, cells, progress)

@@ -41,10 +41,12 @@ def bench_command(
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as Markdown here (for bench/README.md).")] = None,
     isolate: Annotated[bool, typer.Option(help="Measure each decoder in its own process (separate memory peaks).")] = True,
     bandwidth_mb: Annotated[int, typer.Option(help="Size of the tensor copied to measure bandwidth, MiB.")] = 512,
-    e2e: Annotated[int, typer.Option(help="End-to-end mode: decode this many GSM8K test problems instead (0 = off).")] = 0,
-    e2e_file: Annotated[Path, typer.Option(help="GSM8K-style JSONL with a 'question' field.")] = bench.DEFAULT_GSM8K,
+    e2e: Annotated[int, typer.Option(help="End-to-end mode: decode this many problems of --e2e-task instead (0 = off).")] = 0,
+    e2e_task: Annotated[Optional[str], typer.Option(help="End-to-end mode: the built-in task whose problems are decoded, as cold eval's chat prompts: " + ", ".join(bench.E2E_TASKS) + f". Default: {bench.DEFAULT_E2E_TASK}. The adapter: --adapter, else the model's demo adapter for the task.")] = None,
+    e2e_file: Annotated[Optional[Path], typer.Option(help="End-to-end mode: the task file to read (default: the task's test split, commonsenseqa's dev, under the data directory); for gsm8k any JSONL with a 'question' field.")] = None,
     e2e_batch_size: Annotated[int, typer.Option(help="Problems decoded together in end-to-end mode.")] = 16,
     e2e_refill: Annotated[bool, typer.Option("--e2e-refill", help="End to end with continuous batching: a new problem joins as soon as one finishes (default: static batches, like cold generate).")] = False,
+    cobatch_steps: Annotated[Optional[str], typer.Option(help="Lazy-amateur policies of the cold decoder, comma-separated: integers K >= 0 (an amateur stays co-batched with its expert K steps after it was needed; 0 = fully lazy) or 'always' (every step). Each policy is its own cold row, measured in the same run. Default: the engine's.")] = None,
 ) -> None:
     """Measure decode speed of CoLD and its baselines side by side (step time, prefill, memory, bandwidth floor).
 
@@ -55,6 +57,8 @@ def bench_command(
       cold bench --batch-sizes 1 --decoders expert,cold,cold-naive --repeats 5 --threads 2
 
       cold bench --e2e 200 --new-tokens 256 --json bench/e2e.json --plot bench/e2e.png
+
+      cold bench --e2e 100 --e2e-task coin_flip --cobatch-steps 0,4,always --new-tokens 128
     """
     from cold.bench import report as bench_report
     from cold.load.models import pick_device, pick_dtype
@@ -67,14 +71,19 @@ def bench_command(
         raise ColdError(f"--warmup must be >= 0, got {warmup}")
     pick_dtype(dtype)
     decoder_list = _decoder_list(decoders, bool(e2e))
+    policies = _cobatch_list(cobatch_steps, decoder_list)
     kv_dtype = _kv_dtype(kv_dtype, dtype, decoder_list)
+    if not e2e and (e2e_task is not None or e2e_file is not None):
+        raise ColdError("--e2e-task and --e2e-file apply to end-to-end mode; give --e2e N too")
+    task, task_file = bench.e2e_source(e2e_task, e2e_file) if e2e else (None, None)
     device = str(pick_device(device))  # "auto" -> what it means here
     settings = {
         "model": model, "adapter_given": adapter, "decoders": decoder_list,
         "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "alpha": alpha, "beta": beta, "seed": seed,
         "device": device, "dtype": dtype, "kv_dtype": kv_dtype, "threads": threads, "bandwidth_mb": bandwidth_mb,
-        "e2e": e2e, "e2e_file": str(e2e_file), "e2e_batch_size": e2e_batch_size, "e2e_refill": e2e_refill,
+        "e2e": e2e, "e2e_task": task, "e2e_file": task_file, "e2e_batch_size": e2e_batch_size, "e2e_refill": e2e_refill,
+        "cobatch_steps": policies,
     }
     with err.status("preparing the model") as status:
         report = bench.measure(settings, isolate, status.update)
@@ -104,6 +113,29 @@ def _decoder_list(text: str | None, e2e: bool) -> list[str]:
     if unknown or not names:
         raise ColdError(f"--decoders: {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
     return names
+
+
+def _cobatch_list(text: str | None, decoders: list[str]) -> list[int | str]:
+    """--cobatch-steps checked: distinct policies, integers >= 0 or "always", in the order given; by default
+    the engine's one. Refused when no decoder that takes a policy runs."""
+    from cold.runner.model_runner import DEFAULT_COBATCH_STEPS  # torch-bound: not at `cold --help`
+
+    if text is None:
+        return [DEFAULT_COBATCH_STEPS]
+    policies: list[int | str] = []
+    for item in (v for v in text.replace(" ", "").split(",") if v):
+        if item.lower() == bench.ALWAYS:
+            policies.append(bench.ALWAYS)
+        elif item.isascii() and item.isdigit():
+            policies.append(int(item))
+        else:
+            raise ColdError(f"--cobatch-steps: {item!r} is not a policy; give integers >= 0 or 'always', comma-separated "
+                            f"(e.g. 0,4,always)")
+    if not policies:
+        raise ColdError("--cobatch-steps: no policy given; give integers >= 0 or 'always', comma-separated (e.g. 0,4,always)")
+    if not any(d in bench.POLICY_DECODERS for d in decoders):
+        raise ColdError(f"--cobatch-steps applies to the {', '.join(bench.POLICY_DECODERS)} decoder; add it to --decoders")
+    return list(dict.fromkeys(policies))
 
 
 def _kv_dtype(kv_dtype: str | None, dtype: str, decoders: list[str]) -> str | None:

@@ -43,6 +43,7 @@ def summarize(results: dict[str, list[dict]], headline: str = "flexible", n_boot
             "hit_max_fraction": sum(r["hit_max"] for r in records) / n if n else float("nan"),
             "time_per_problem_s": seconds / n if n else float("nan"),
             "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+            "amateur_fraction": mean_amateur_fraction(records),
         })
     pairs = []
     for i, first in enumerate(labels):
@@ -60,6 +61,13 @@ def summarize(results: dict[str, list[dict]], headline: str = "flexible", n_boot
         "decoders": decoders,
         "pairs": pairs,
     }
+
+
+def mean_amateur_fraction(records: Sequence[dict]) -> float | None:
+    """The mean over problems of the fraction of a CoLD answer's steps that needed the amateur; None for
+    other decoders (and for records of older runs, which lack the field)."""
+    fractions = [r["amateur_fraction"] for r in records if r.get("amateur_fraction") is not None]
+    return sum(fractions) / len(fractions) if fractions else None
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -81,17 +89,26 @@ def _ci_points(d: dict) -> str:
     return "n/a" if d["low"] != d["low"] else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
-def decoder_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+def _has_amateur(summary: dict) -> bool:
+    """Whether any decoder has an amateur fraction (a CoLD decoder whose records carry it)."""
+    return any(d.get("amateur_fraction") is not None for d in summary["decoders"])
+
+
+def decoder_rows(summary: dict, amateur: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The per-decoder table; with `amateur`, an `amateur steps` column when a CoLD decoder has a fraction
+    ("-" for the others; the terminal, short of width, prints `amateur_line` instead)."""
     head, other = summary["headline"], _other(summary["headline"])
+    amateur = amateur and _has_amateur(summary)
     header = [
         "decoder", "n", f"accuracy ({head}, headline)", "95% CI", f"accuracy ({other})", "95% CI",
-        "mean tokens", "hit max tokens", "s / problem",
+        "mean tokens", "hit max tokens", "s / problem", *(["amateur steps"] if amateur else []),
     ]
     rows = [
         [
             d["decoder"], str(d["n"]), _pct(d["accuracy"][head]["value"]), _ci(d["accuracy"][head]),
             _pct(d["accuracy"][other]["value"]), _ci(d["accuracy"][other]), f"{d['mean_tokens']:.1f}",
             _pct(d["hit_max_fraction"]), f"{d['time_per_problem_s']:.2f}",
+            *([_pct(d["amateur_fraction"]) if d.get("amateur_fraction") is not None else "-"] if amateur else []),
         ]
         for d in summary["decoders"]
     ]
@@ -133,6 +150,20 @@ def print_tables(summary: dict, console) -> None:
             table.add_row(*map(escape, row))
         console.print(table)
     console.print(_rules_line(summary), markup=False)
+    if _has_amateur(summary):
+        console.print(amateur_line(summary), markup=False)
+
+
+AMATEUR_TEXT = ("amateur steps: mean over problems of the share of a CoLD answer's steps whose plausibility mask left "
+                "more than one token, the steps that needed the amateur's logits.")
+
+
+def amateur_line(summary: dict) -> str:
+    """The CoLD decoders' amateur fractions in one sentence (the terminal's stand-in for the column)."""
+    shares = ", ".join(f"{d['decoder']} {_pct(d['amateur_fraction'])}" for d in summary["decoders"]
+                       if d.get("amateur_fraction") is not None)
+    return (f"Steps that needed the amateur (mean over problems of the share of a CoLD answer's steps whose plausibility "
+            f"mask left more than one token): {shares}.")
 
 
 def _title(summary: dict) -> str:
@@ -164,8 +195,10 @@ def markdown(summary: dict) -> str:
         ("batch size", summary.get("batch_size")),
     ]
     lines += [f"- {name}: {value}" for name, value in facts if value is not None]
-    lines += [f"- {_rules_line(summary)}", "- s / problem: wall time of a batch divided by its size (end to end: prefill and decoding).", ""]
-    lines += _md_table(*decoder_rows(summary))
+    lines += [f"- {_rules_line(summary)}", "- s / problem: wall time of a batch divided by its size (end to end: prefill and decoding)."]
+    lines += [f"- {AMATEUR_TEXT}"] if _has_amateur(summary) else []
+    lines += [""]
+    lines += _md_table(*decoder_rows(summary, amateur=True))
     if summary["pairs"]:
         lines += ["", f"## Paired differences ({summary['headline']})", ""]
         lines += _md_table(*pair_rows(summary))

@@ -161,8 +161,8 @@ def run_decoders(
     """Generate what is missing; return (records of each decoder in problem order, new generations per decoder).
 
     `engine` needs only `generate(prompts, chat=..., stop=..., max_new_tokens=..., **decoder kwargs)`
-    returning objects with `.text`, `.token_ids` and `.finish_reason` (cold.decoding.engine.Engine); if it
-    has a `load()` method, that is called before the first timed batch.
+    returning objects with `.text`, `.token_ids`, `.finish_reason` and optionally `.amateur_steps`
+    (cold.decoding.engine.Engine); if it has a `load()` method, that is called before the first timed batch.
     Problems are batched in order of prompt length (less padding); every decoder gets the same batches.
     """
     if batch_size < 1:
@@ -192,6 +192,7 @@ def run_decoders(
                     "id": p.id, "decoder": spec.label, "prompt": prompts[p.id], "chat": style.chat,
                     "output": g.text, "tokens": len(g.token_ids), "finish_reason": g.finish_reason,
                     "hit_max": g.finish_reason == "length", "time_s": seconds / len(batch), "batch_size": len(batch),
+                    **amateur_fields(g),
                 }, p, answer_type)
                 for p, g in zip(batch, outputs)
             ]
@@ -202,6 +203,15 @@ def run_decoders(
         generated[spec.label] = len(pending)
         results[spec.label] = _rescored(store, done, problems, answer_type)
     return results, generated
+
+
+def amateur_fields(generation) -> dict:
+    """`amateur_steps` (CoLD: steps whose plausibility mask left more than one token, so the amateur's
+    logits were needed) and `amateur_fraction` (of the generated tokens); both None for other decoders.
+    Records of older runs lack both: readers take a missing field as None."""
+    steps = getattr(generation, "amateur_steps", None)
+    tokens = len(generation.token_ids)
+    return {"amateur_steps": steps, "amateur_fraction": steps / tokens if steps is not None and tokens else None}
 
 
 def _rescored(store: RecordFile, done: dict[str, dict], problems: Sequence[Problem], answer_type: str) -> list[dict]:
