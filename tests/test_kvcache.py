@@ -11,6 +11,7 @@ from cold.decoding.running import RunningBatch
 from cold.load.adapters import read_adapter
 from cold.runner import model_runner as runner_module
 from cold.runner.kvcache import GrowingLayer
+from cold.sampling.amateur import ALWAYS
 from conftest import make_lora, prefill
 
 
@@ -77,8 +78,9 @@ def test_chunked_prefill_hidden_states_match_one_pass(tiny, adapter, monkeypatch
             _, state = prefill(engine, requests)
         return state.hidden, state.cache.layers[-1].keys
 
-    whole = prefill_once(Engine(tiny, [adapter]))
+    # every amateur prefilled with its expert (a lazy amateur's prompt would be left pending)
+    whole = prefill_once(Engine(tiny, [adapter], cobatch_steps=ALWAYS))
     monkeypatch.setattr(runner_module, "PREFILL_POSITIONS", 12)  # chunks of 2 columns
-    chunked = prefill_once(Engine(tiny, [adapter]))
+    chunked = prefill_once(Engine(tiny, [adapter], cobatch_steps=ALWAYS))
     for a, b in zip(whole, chunked):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

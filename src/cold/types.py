@@ -27,6 +27,7 @@ class Generation:
     token_ids: list[int]  # generated ids only (an EOS that ended the text included)
     finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens)
     prompt_tokens: int
+    amateur_steps: int | None = None  # CoLD: steps whose plausibility mask left more than one token (needed the amateur)
 
 
 @dataclass
@@ -37,3 +38,4 @@ class StreamEvent:
     text: str  # text produced since the last event of this prompt
     token_ids: list[int]  # ids produced since the last event of this prompt
     finish_reason: str | None = None  # set on the prompt's last event
+    amateur_steps: int | None = None  # on the last event of a CoLD prompt: steps that needed the amateur

@@ -38,7 +38,7 @@ def beam_search(runner: ModelRunner, requests: list[Request]) -> Iterator[Stream
     num = len(requests)
     with torch.inference_mode():
         max_new = max(r.params.max_new_tokens for r in requests)
-        state = runner.prefill([r.prompt_ids for r in requests], layout_of(requests, device), max_new)
+        state = runner.prefill([r.prompt_ids for r in requests], layout_of(requests, device), max_new, amateur_prompts=True)
         runner.repeat_rows(state, beams)  # beam sequence s * beams + b starts as a copy of sequence s
         sampler = Sampler.build([r.params for r in requests], device).repeated(beams)
 

@@ -22,7 +22,7 @@ from cold.load.adapters import LoraAdapter, read_adapter
 from cold.load.models import DEFAULT_MODEL, BaseModel, load_base, pick_dtype
 from cold.load.prompts import Prompt, check_fits, encode_prompt
 from cold.params import DecodeParams
-from cold.runner.model_runner import ModelRunner
+from cold.runner.model_runner import DEFAULT_COBATCH_STEPS, ModelRunner
 from cold.types import Generation, Request, StreamEvent
 
 __all__ = ["Engine", "Generation", "Prompt", "Request", "StreamEvent"]
@@ -33,12 +33,13 @@ class Engine:
 
     def __init__(
         self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True,
-        kv_dtype: str | torch.dtype | None = None,
+        kv_dtype: str | torch.dtype | None = None, cobatch_steps: int = DEFAULT_COBATCH_STEPS,
     ):
         """`lean=False` runs every step through transformers' forward (see `ModelRunner`);
-        `kv_dtype`: the dtype the KV cache stores (None: the model's)."""
+        `kv_dtype`: the dtype the KV cache stores (None: the model's); `cobatch_steps`: the lazy
+        amateur's policy (see `ModelRunner`; `ALWAYS` from `cold.sampling.amateur` turns it off)."""
         self.base = base
-        self.runner = ModelRunner(base, adapters, lean=lean, kv_dtype=kv_dtype)
+        self.runner = ModelRunner(base, adapters, lean=lean, kv_dtype=kv_dtype, cobatch_steps=cobatch_steps)
 
     @classmethod
     def load(
@@ -49,13 +50,15 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         lean: bool = True,
         kv_dtype: str | torch.dtype | None = None,
+        cobatch_steps: int = DEFAULT_COBATCH_STEPS,
     ) -> "Engine":
         """Load a base model and adapters. Adapter files are read and checked before the model loads."""
         items = adapters.items() if isinstance(adapters, Mapping) else [(None, p) for p in adapters]
         read = [read_adapter(path, name) for name, path in items]
         if kv_dtype is not None:
             pick_dtype(kv_dtype)  # a bad name fails before the model loads
-        return cls(load_base(model, device=device, dtype=dtype), read, lean=lean, kv_dtype=kv_dtype)
+        return cls(load_base(model, device=device, dtype=dtype), read, lean=lean, kv_dtype=kv_dtype,
+                   cobatch_steps=cobatch_steps)
 
     # ---- what front-ends read -----------------------------------------------------------------
 
@@ -152,13 +155,16 @@ class Engine:
         ids: list[list[int]] = [[] for _ in requests]
         texts = [""] * len(requests)
         reasons: list[str | None] = [None] * len(requests)
+        amateur: list[int | None] = [None] * len(requests)
         for event in self.run(requests):
             ids[event.index] += event.token_ids
             texts[event.index] += event.text
             reasons[event.index] = event.finish_reason or reasons[event.index]
+            if event.amateur_steps is not None:
+                amateur[event.index] = event.amateur_steps
         return [
-            Generation(prompt=r.prompt, text=t, token_ids=i, finish_reason=f, prompt_tokens=len(r.prompt_ids))
-            for r, t, i, f in zip(requests, texts, ids, reasons)
+            Generation(prompt=r.prompt, text=t, token_ids=i, finish_reason=f, prompt_tokens=len(r.prompt_ids), amateur_steps=a)
+            for r, t, i, f, a in zip(requests, texts, ids, reasons, amateur)
         ]
 
     def stream(self, prompts, params: DecodeParams | None = None, *, chat: bool = False, **overrides) -> Iterator[StreamEvent]:

@@ -75,11 +75,13 @@ class RunningBatch:
                 request, tracker = self.requests[seq], self.trackers[seq]
                 text = tracker.add(token)
                 reason = finish_reason(token, len(tracker.ids), request.params, runner.eos_ids, tracker.stopped)
+                event = StreamEvent(index=self.keys[seq], text=text, token_ids=[token], finish_reason=reason)
                 if reason is None:
                     kept.append(seq)
                 else:
-                    text += tracker.flush()
-                events.append((self.keys[seq], StreamEvent(index=self.keys[seq], text=text, token_ids=[token], finish_reason=reason)))
+                    event.text += tracker.flush()
+                    event.amateur_steps = self.state.amateur.needed[seq] if request.params.contrastive else None
+                events.append((self.keys[seq], event))
             if len(kept) < len(self.requests):
                 self._keep(kept)
                 tokens = tokens[kept]

@@ -14,6 +14,11 @@ The buffers may hold a narrower dtype than the model computes in (`new_cache(con
 e.g. bfloat16 under a float32 model: half the cache memory); keys and values are rounded to it
 when written, and attention (`cold.runner.attention`, `cold.runner.llama_step`) computes in the
 cache's dtype.
+
+A forward over the first P rows only (the lazy amateur's decode step: lagging amateur rows come
+last and are skipped) writes and attends to those rows' buffers, views again, no copies. A
+lagging row catches up through `catch_up_cache`: for one forward, a window over some rows whose
+new columns overwrite the columns that row skipped.
 """
 
 from __future__ import annotations
@@ -49,11 +54,13 @@ class _Block:
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values: buffers [R, H, capacity, D], the first `length` columns used."""
 
-    def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0, block: _Block | None = None):
+    def __init__(self, dtype: torch.dtype | None = None, reserve: int = 0, block: _Block | None = None,
+                 rows: int | None = None):
         super().__init__()
         self.store_dtype = dtype  # None: whatever dtype the first keys come in
         self.reserve = reserve  # columns to make room for whenever a buffer is allocated
         self._block = block  # where the first buffers come from (None: allocate them here)
+        self.rows = rows  # rows of the first buffers (None: as many as the first keys have)
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._k_length = self._v_length = 0  # equal except between the two assignments below
@@ -80,30 +87,33 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append columns to the first rows (as many as key_states [P, H, T, D] has); returns
+        those rows' keys and values [P, H, L, D]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.store_dtype is not None:
             key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
-        length, new = self._k_length, key_states.shape[-2]
+        length, new, rows = self._k_length, key_states.shape[-2], key_states.shape[0]
         if self._k is None or length == 0:
             self._k, self._v = self._first_buffers(key_states)
         elif length + new > self._k.shape[-2]:
             self._k, self._v = self._grown(self.keys, new), self._grown(self.values, new)
-        self._k[:, :, length : length + new] = key_states
-        self._v[:, :, length : length + new] = value_states
+        self._k[:rows, :, length : length + new] = key_states
+        self._v[:rows, :, length : length + new] = value_states
         self._k_length = self._v_length = length + new
-        return self.keys, self.values
+        return self._k[:rows, :, : length + new], self._v[:rows, :, : length + new]
 
     def _capacity(self, needed: int) -> int:
         """Columns of a new buffer: the reserve, or (beyond it) what is needed plus spare ones."""
         return self.reserve if needed <= self.reserve else needed + SPARE_COLUMNS
 
     def _first_buffers(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        capacity = self._capacity(keys.shape[-2])
-        taken = self._block.take(keys, capacity) if self._block is not None else None
+        """Uninitialised: rows a forward skips hold garbage until written (`catch_up_cache` clears them)."""
+        _, heads, _, dim = keys.shape
+        rows, capacity = self.rows or keys.shape[0], self._capacity(keys.shape[-2])
+        taken = self._block.take(keys.new_empty(rows, heads, 0, dim), capacity) if self._block is not None else None
         if taken is not None:
             return taken
-        rows, heads, _, dim = keys.shape
         return keys.new_empty(rows, heads, capacity, dim), keys.new_empty(rows, heads, capacity, dim)
 
     def _grown(self, filled: torch.Tensor, incoming: int) -> torch.Tensor:
@@ -128,12 +138,53 @@ class GrowingLayer(DynamicLayer):
         return out
 
 
-def new_cache(config, dtype: torch.dtype | None = None, reserve: int = 0) -> DynamicCache:
+def new_cache(config, dtype: torch.dtype | None = None, reserve: int = 0, rows: int | None = None) -> DynamicCache:
     """A DynamicCache for `config` whose full-attention layers append in place, storing keys and
     values in `dtype` (None: the model's), with room for `reserve` columns from the first write
-    in one block shared by the layers. Sliding-window layers (Gemma) keep transformers' own."""
+    in one block shared by the layers, and for `rows` rows (None: as many as the first write has).
+    Sliding-window layers (Gemma) keep transformers' own."""
     cache = DynamicCache(config=config)
     growing = [type(layer) is DynamicLayer for layer in cache.layers]
     block = _Block(sum(growing)) if reserve else None
-    cache.layers = [GrowingLayer(dtype, reserve, block) if g else layer for g, layer in zip(growing, cache.layers)]
+    cache.layers = [GrowingLayer(dtype, reserve, block, rows) if g else layer for g, layer in zip(growing, cache.layers)]
     return cache
+
+
+class _Window(DynamicLayer):
+    """Rows `rows` of a GrowingLayer, for one forward whose new columns are the layer's columns
+    [start, start + T): written where `write` [N, T] is set, kept as they are elsewhere."""
+
+    def __init__(self, layer: GrowingLayer, rows: torch.Tensor, start: int, write: torch.Tensor):
+        super().__init__()
+        self.layer, self.rows, self.start, self.write = layer, rows, start, write
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.start + key_states.shape[-2]
+        write = self.write[:, None, :, None]  # [N, 1, T, 1]
+        layer = self.layer
+        for buffer, new in ((layer._k, key_states), (layer._v, value_states)):
+            old = buffer[self.rows, :, self.start : end]
+            buffer[self.rows, :, self.start : end] = torch.where(write, new.to(buffer.dtype), old)
+        return layer._k[self.rows, :, :end], layer._v[self.rows, :, :end]  # [N, H, end, D] copies
+
+
+def catch_up_cache(cache: DynamicCache, rows: torch.Tensor, start: int, write: torch.Tensor) -> DynamicCache:
+    """A cache for one forward of rows `rows` [N] over columns [start, start + T) of `cache`
+    (T = write.shape[1]): keys and values are written into those columns where `write` [N, T]
+    is set (the columns a lagging row skipped) and the rest stay as they are; attention reads the
+    rows' columns [0, start + T)."""
+    window = DynamicCache()
+    window.layers = [_Window(layer, rows, start, write) for layer in cache.layers]
+    return window
+
+
+def clear_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Zero the filled columns of rows never written (an amateur whose prompt was skipped), so
+    that no uninitialised memory reaches attention once they are caught up."""
+    for layer in cache.layers:
+        layer._k[rows, :, : layer._k_length] = 0
+        layer._v[rows, :, : layer._v_length] = 0

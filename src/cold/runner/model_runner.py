@@ -25,24 +25,30 @@ from cold.lora.layer import RowLoRALinear, install_adapters, uninstall_adapters
 from cold.lora.routing import RowSelection
 from cold.runner.attention import NAME as GROUPED_ATTENTION
 from cold.runner.attention import use_grouped_attention
-from cold.runner.kvcache import new_cache
+from cold.runner.kvcache import catch_up_cache, clear_rows, new_cache
 from cold.runner.llama_step import LeanDecoder
 from cold.runner.llama_step import supports as lean_supported
-from cold.runner.rows import RowLayout, left_pad
+from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
 from cold.runner.state import BatchState, GrowingMask
 from cold.sampling import scoring
+from cold.sampling.amateur import ALWAYS, AmateurLag
 from cold.sampling.sampler import Sampler
 
 PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in chunks of columns)
+DEFAULT_COBATCH_STEPS = 4  # the lazy amateur's default policy (bench/README.md: how it was chosen)
 
 
 class ModelRunner:
     """A base model with row-indexed LoRA adapters installed; prefill, step, logits and scores."""
 
     def __init__(self, base: BaseModel, adapters: Sequence[LoraAdapter] = (), lean: bool = True,
-                 kv_dtype: str | torch.dtype | None = None):
+                 kv_dtype: str | torch.dtype | None = None, cobatch_steps: int = DEFAULT_COBATCH_STEPS):
         """`lean=False` runs every step through transformers' forward with row-indexed LoRA layers
         instead of the fused decode step of `cold.runner.llama_step`.
+
+        `cobatch_steps` (K): the lazy amateur's policy (`cold.sampling.amateur`). After a step
+        that needed a sequence's amateur, that amateur runs with the expert for K more steps, then
+        lags until it is needed again; 0 is fully lazy, `ALWAYS` keeps every amateur current.
 
         `kv_dtype`: the dtype the KV cache stores (None: the model's). "bfloat16" under a float32
         model halves the cache's memory and the bytes attention reads; keys and values are
@@ -53,6 +59,9 @@ class ModelRunner:
         self.tokenizer = base.tokenizer
         use_grouped_attention(self.model)
         self.kv_dtype = _kv_dtype(kv_dtype, self.model)
+        if not isinstance(cobatch_steps, int) or cobatch_steps < 0:
+            raise ColdError(f"cobatch_steps must be an integer >= 0, got {cobatch_steps!r}")
+        self.cobatch_steps = cobatch_steps
         self.rows = RowSelection()
         self.adapters: list[LoraAdapter] = []
         self.lean: LeanDecoder | None = None
@@ -117,42 +126,75 @@ class ModelRunner:
 
     # ---- the batch state ----------------------------------------------------------------------
 
-    def prefill(self, prompts: Sequence[Sequence[int]], layout: RowLayout, max_new_tokens: int) -> BatchState:
+    def prefill(self, prompts: Sequence[Sequence[int]], layout: RowLayout, max_new_tokens: int,
+                amateur_prompts: bool = False) -> BatchState:
         """Run every row's prompt (`prompts[seq]` for each row's sequence); room is reserved in the
-        cache for `max_new_tokens` more columns, so decoding never reallocates it."""
+        cache for `max_new_tokens` more columns, so decoding never reallocates it. With a lazy
+        amateur (`cobatch_steps` < ALWAYS) the amateur rows are skipped, their prompts left
+        pending, unless `amateur_prompts` (beam search: every beam would catch up the same prompt)."""
         ids, mask, positions = left_pad([prompts[r.seq] for r in layout.rows], self.pad_id, self.device)
         reserve = min(ids.shape[1] + max_new_tokens, self.context_length)
-        cache = new_cache(self.model.config, self.kv_dtype, reserve)
         rows, length = ids.shape
+        cache = new_cache(self.model.config, self.kv_dtype, reserve, rows)
+        sliding = any(layer.is_sliding for layer in cache.layers)  # transformers' sliding caches: one pass
+        num_seqs = len(layout.expert_row)
+        contrastive = (layout.amateur_row != layout.expert_row).tolist()
+        # sliding-window layers write every row at every step: their amateurs stay current
+        lag = AmateurLag.start(prompts, contrastive, ALWAYS if sliding else self.cobatch_steps, amateur_prompts)
+        active = num_seqs if any(lag.pending) else rows
+        mask[active:] = 0  # the skipped rows' prompt columns are holes
         # chunks of prompt columns bound the activations a forward holds: a CoLD batch (two rows
         # per prompt) then peaks no higher than plain decoding of as many prompts
-        sliding = any(layer.is_sliding for layer in cache.layers)  # transformers' sliding caches: one pass
-        chunk = length if sliding else max(1, PREFILL_POSITIONS // rows)
+        chunk = length if sliding else max(1, PREFILL_POSITIONS // active)
+        head = layout.head(active)
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
-            hidden = self.forward(layout, ids[:, start:end], mask[:, :end], positions[:, start:end], cache)
-        return BatchState(layout, cache, GrowingMask(mask, reserve), positions[:, -1] + 1, hidden)
+            hidden = self.forward(head, ids[:active, start:end], mask[:active, :end], positions[:active, start:end], cache)
+        hidden = torch.cat([hidden, hidden.new_zeros(rows - active, hidden.shape[1])])
+        return BatchState(layout, cache, GrowingMask(mask, reserve), positions[:, -1] + 1, hidden, lag, active)
 
     def step(self, state: BatchState, tokens: torch.Tensor) -> None:
-        """Feed each sequence's token (tokens [S]) to all of its rows; the state moves one column on."""
-        row_tokens = tokens[state.layout.row_seq]  # [R]
-        state.mask.append_real()
-        state.hidden = self.forward(state.layout, row_tokens[:, None], state.mask.view, state.positions[:, None], state.cache)
+        """Feed each sequence's token (tokens [S]) to its expert row and, where its amateur runs
+        with it, its amateur row (a lagging amateur adds it to its pending tokens); the state
+        moves one column on."""
+        if state.amateur.lazy:
+            self._arrange(state)
+        active, rows = state.active, state.mask.rows
+        row_tokens = tokens[state.layout.row_seq[:active]]  # [P]
+        state.mask.append(active)
+        hidden = self.forward(state.layout.head(active), row_tokens[:, None], state.mask.view[:active],
+                              state.positions[:active, None], state.cache)
+        state.hidden = hidden if active == rows else torch.cat([hidden, state.hidden[active:]])
         state.positions = state.positions + 1
+        if state.amateur.lazy:
+            state.amateur.fed(tokens.tolist())
 
     def merge(self, state: BatchState, other: BatchState) -> BatchState:
         """One state holding `state`'s sequences, then `other`'s. Rows are left-padded to one length
-        with masked-out columns, which leaves every row's attention exactly as it was."""
+        with masked-out columns, which leaves every row's attention exactly as it was; the merged
+        rows are both states' expert rows, then their co-batched amateur rows, then the lagging ones."""
         if state.sliding or other.sliding:
             raise ColdError("joining a running batch needs a model without sliding-window caches")
         length = max(state.mask.length, other.mask.length)
+        bounds = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+
+        def rows_in_order(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            (s1, p1, r1), (s2, p2, r2) = bounds
+            return torch.cat([mine[:s1], theirs[:s2], mine[s1:p1], theirs[s2:p2], mine[p1:r1], theirs[p2:r2]])
+
         for mine, theirs in zip(state.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
-        mask = torch.cat([state.mask.left_padded(length), other.mask.left_padded(length)])
+            mine.keys = rows_in_order(_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2))
+            mine.values = rows_in_order(_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2))
+        offset = len(state.layout.expert_row)
+        theirs = [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.layout.rows]
+        specs = [state.layout.rows, theirs]
+        (s1, p1, r1), (s2, p2, r2) = bounds
+        ordered = (specs[0][:s1] + specs[1][:s2] + specs[0][s1:p1] + specs[1][s2:p2] + specs[0][p1:] + specs[1][p2:])
         return BatchState(
-            layout=state.layout.merged(other.layout, self.device), cache=state.cache, mask=GrowingMask(mask),
-            positions=torch.cat([state.positions, other.positions]), hidden=torch.cat([state.hidden, other.hidden]),
+            layout=RowLayout.build(ordered, offset + s2, self.device), cache=state.cache,
+            mask=GrowingMask(rows_in_order(state.mask.left_padded(length), other.mask.left_padded(length))),
+            positions=rows_in_order(state.positions, other.positions), hidden=rows_in_order(state.hidden, other.hidden),
+            amateur=state.amateur.merged(other.amateur), active=p1 + p2,
         )
 
     def keep(self, state: BatchState, kept_seqs: list[int]) -> BatchState | None:
@@ -161,16 +203,24 @@ class ModelRunner:
         if not kept_seqs:
             return None
         layout, old_rows = state.layout.keep(kept_seqs, self.device)
+        state.active = int((old_rows < state.active).sum())  # the kept rows keep their order
         state.cache.batch_select_indices(old_rows)
         state.mask.select(old_rows)
         state.layout, state.positions, state.hidden = layout, state.positions[old_rows], state.hidden[old_rows]
-        real = state.mask.view.any(dim=0).nonzero()
-        start = int(real[0]) if len(real) else 0
+        state.amateur = state.amateur.kept(kept_seqs)
+        start = self._first_used_column(state)
         if start > 0 and not state.sliding:
             state.mask.drop_leading(start)
             for layer in state.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
         return state
+
+    def _first_used_column(self, state: BatchState) -> int:
+        """The first column that some row uses: a real token, or a hole a lagging row will fill."""
+        used = state.mask.view.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else state.mask.length
+        holes = [len(state.amateur.pending[r.seq]) for r in state.layout.rows[state.active:] if r.role == AMATEUR]
+        return min([first] + [state.mask.length - n for n in holes if n])
 
     def repeat_rows(self, state: BatchState, times: int) -> None:
         """Every row `times` times in a row, each copy its own sequence (beam search's start)."""
@@ -179,6 +229,8 @@ class ModelRunner:
         state.hidden = state.hidden.repeat_interleave(times, dim=0)
         state.positions = state.positions.repeat_interleave(times, dim=0)
         state.layout = state.layout.repeated(times, self.device)
+        state.amateur = state.amateur.repeated(times)
+        state.active *= times
 
     def reorder(self, state: BatchState, seq_source: torch.Tensor) -> None:
         """Sequence s takes over the rows (cache, mask, positions) of sequence seq_source[s] (beams)."""
@@ -187,49 +239,130 @@ class ModelRunner:
         state.cache.reorder_cache(row_source)
         state.mask.select(row_source)
         state.positions = state.positions[row_source]
+        state.hidden = state.hidden[row_source]
+        state.amateur = state.amateur.reordered(seq_source.tolist())
+
+    # ---- the lazy amateur ---------------------------------------------------------------------
+
+    def _arrange(self, state: BatchState) -> None:
+        """Put the amateur rows that run at the next step (`state.amateur.cobatched`) right after
+        the expert rows, swapping as few rows as possible; `state.active` counts them in."""
+        layout, lag = state.layout, state.amateur
+        first = len(layout.expert_row)
+        cobatched = [lag.cobatched[r.seq] for r in layout.rows[first:]]
+        count = sum(cobatched)
+        misplaced = [first + i for i in range(count) if not cobatched[i]]  # lagging rows among the first
+        strays = [first + i for i in range(count, len(cobatched)) if cobatched[i]]  # co-batched rows after them
+        state.active = first + count
+        if not misplaced:
+            return
+        source = list(range(len(layout.rows)))
+        for i, j in zip(misplaced, strays):
+            source[i], source[j] = j, i
+        moved = torch.tensor(misplaced + strays, device=self.device)
+        origin = torch.tensor(strays + misplaced, device=self.device)
+        for layer in state.cache.layers:  # only the swapped rows are copied
+            length = layer._k_length
+            layer._k[moved, :, :length] = layer._k[origin, :, :length]
+            layer._v[moved, :, :length] = layer._v[origin, :, :length]
+        state.mask.move_rows(moved, origin)
+        state.positions = state.positions[torch.tensor(source, device=self.device)]
+        state.hidden = state.hidden[torch.tensor(source, device=self.device)]
+        state.layout = layout.reordered(source, self.device)
+
+    def _catch_up(self, state: BatchState, seqs: list[int]) -> None:
+        """Feed the amateurs of sequences `seqs` their pending tokens as one multi-token chunk
+        (columns the length of the longest lag, left-padded; each row writes only its own holes);
+        their hidden states are then current."""
+        lag, layout, length = state.amateur, state.layout, state.mask.length
+        rows = layout.amateur_row[torch.tensor(seqs, device=self.device)]  # [N]
+        pending = [lag.pending[s] for s in seqs]
+        width = max(len(p) for p in pending)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for i, tokens in enumerate(pending):
+            ids[i, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        ids = ids.to(self.device)
+        write = torch.arange(width, device=self.device)[None] >= width - torch.tensor([len(p) for p in pending], device=self.device)[:, None]
+        fresh = [row for row, s in zip(rows.tolist(), seqs) if not lag.started[s]]
+        if fresh:
+            clear_rows(state.cache, torch.tensor(fresh, device=self.device))
+        start = length - width
+        state.mask.fill(rows, start, write)
+        mask = state.mask.view[rows]  # [N, L]
+        positions = (state.positions[rows, None] - width + torch.arange(width, device=self.device)).clamp(min=0)  # [N, T]
+        subset = layout.subset(rows)
+        chunk = max(1, PREFILL_POSITIONS // len(seqs))
+        for begin in range(0, width, chunk):
+            end = min(begin + chunk, width)
+            window = catch_up_cache(state.cache, rows, start + begin, write[:, begin:end])
+            hidden = self.forward(subset, ids[:, begin:end], mask[:, : start + end], positions[:, begin:end], window)
+        state.hidden = state.hidden.index_copy(0, rows, hidden)
+        lag.caught_up(seqs)
 
     # ---- scores ---------------------------------------------------------------------------------
 
     def scores(self, state: BatchState, sampler: Sampler) -> torch.Tensor:
-        """[S, V] score of every sequence: the CoLD score, or plain logits for expert/base sequences."""
+        """[S, V] score of every sequence: the CoLD score, or plain logits for expert/base sequences.
+
+        A CoLD sequence whose plausibility mask holds one token scores that token alone (its
+        amateur's logits cannot change the choice); the others need their amateur, and a lagging
+        one catches up first. Which sequences needed it is recorded in `state.amateur`, which
+        also decides which amateurs run with the experts at the next step.
+        """
         hidden, layout = state.hidden, state.layout
         expert = self.logits(hidden[layout.expert_row], layout.experts)  # [S, V]
         if sampler.contrastive is None:
             return expert
         seqs = sampler.contrastive
         own = expert if sampler.every_contrastive else expert[seqs]  # the usual CoLD batch: no gather, no copy back
-        score = self._contrastive_scores(hidden, layout, seqs, own, sampler.alpha, sampler.beta, sampler.forms)
+        threshold = scoring.plausibility_threshold(own, sampler.alpha)  # [C, 1]
+        valid = own >= threshold  # [C, V]
+        needed = valid.sum(dim=1) > 1  # [C]
+        needs = dict(zip(sampler.contrastive_seqs, needed.tolist()))
+        late = state.amateur.catch_up_seqs(needs)
+        if late:
+            self._catch_up(state, late)
+            hidden = state.hidden
+        state.amateur.observe(needs)
+        # a sequence that needs no amateur is scored against its own expert row: one finite entry either way
+        amateur_rows = torch.where(needed, layout.amateur_row[seqs], layout.expert_row[seqs])  # [C]
+        score = self._contrastive_scores(hidden[amateur_rows], layout.subset(amateur_rows) if not _plain_head(self.model) else None,
+                                         own, valid, sampler.beta, sampler.forms)
         if sampler.every_contrastive:
             return score
         out = expert.clone()
         out[seqs] = score
         return out
 
-    def _contrastive_scores(self, hidden, layout, seqs, expert, alpha, beta, forms) -> torch.Tensor:
-        """[C, V] CoLD scores of the contrastive sequences `seqs` (expert logits [C, V]).
+    def _contrastive_scores(self, amateur_hidden, amateur_layout, expert, valid, beta, forms) -> torch.Tensor:
+        """[C, V] CoLD scores of the contrastive sequences (expert logits [C, V], their
+        plausibility mask `valid` [C, V], the amateur rows' hidden states [C, H]).
 
         The logit-form score reads the amateur only inside the expert's plausibility mask, so with
         a plain (unadapted) output layer only the union of the masked-in columns is computed, for
         the amateur's logits and for the score itself; every other entry is -inf.
         """
-        rows = layout.amateur_row[seqs]
-        head = self.model.get_output_embeddings()
-        if set(forms) == {"logit"} and not isinstance(head, RowLoRALinear) and getattr(head, "bias", None) is None:
-            threshold = scoring.plausibility_threshold(expert, alpha)  # [C, 1]
-            # columns inside some sequence's mask; a - b >= 0 iff a >= b, and one [C, V] pass less than any()
-            columns = ((expert - threshold).amax(dim=0) >= 0).nonzero().squeeze(1)  # [K]
+        if set(forms) == {"logit"} and amateur_layout is None:
+            head = self.model.get_output_embeddings()
+            columns = valid.any(dim=0).nonzero().squeeze(1)  # [K]
             own = expert[:, columns]  # [C, K]
-            amateur = self._softcap((hidden[rows] @ head.weight[columns].T).float())  # [C, K]
-            part = scoring.contrastive_scores(own, amateur, alpha, beta, "logit", own >= threshold)
+            amateur = self._softcap((amateur_hidden @ head.weight[columns].T).float())  # [C, K]
+            part = scoring.contrastive_scores(own, amateur, None, beta, "logit", valid[:, columns])
             return torch.full_like(expert, scoring.NEG_INF).index_copy_(1, columns, part)
-        amateur = self.logits(hidden[rows], layout.subset(rows))
+        amateur = self.logits(amateur_hidden, amateur_layout)
         if len(set(forms)) == 1:
-            return scoring.contrastive_scores(expert, amateur, alpha, beta, forms[0])
+            return scoring.contrastive_scores(expert, amateur, None, beta, forms[0], valid)
         out = torch.empty_like(expert)
         for form in set(forms):
             idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=expert.device)
-            out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
+            out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], None, beta[idx], form, valid[idx])
         return out
+
+
+def _plain_head(model) -> bool:
+    """Whether the output layer is a plain matrix (no LoRA, no bias): then only masked-in columns are computed."""
+    head = model.get_output_embeddings()
+    return not isinstance(head, RowLoRALinear) and getattr(head, "bias", None) is None
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

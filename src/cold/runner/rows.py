@@ -3,7 +3,8 @@
 A CoLD sequence owns two rows of the model batch, an expert row and an amateur row; an
 `expert` or `base` sequence owns one. Rows are laid out as all expert rows (one per sequence,
 in sequence order) followed by the amateur rows of the contrastive sequences, so the adapted
-rows form one run that the LoRA layers can restrict themselves to. Every tensor a step needs
+rows form one run that the LoRA layers can restrict themselves to (the runner keeps the amateur
+rows that run at every step before the lagging ones, `cold.runner.state`). Every tensor a step needs
 is built here once per layout, not per step.
 """
 
@@ -65,6 +66,19 @@ class RowLayout:
         """The adapter selection of some rows (for running only those rows through a layer)."""
         picked = [self.rows[i] for i in rows.tolist()]
         return RowLayout._of(picked, self.expert_row, self.amateur_row, self.adapter.device)
+
+    def head(self, rows: int) -> "RowLayout":
+        """The adapter selection of the first `rows` rows (a lazy decode step forwards only those)."""
+        if rows == len(self.rows):
+            return self
+        heads = self.__dict__.setdefault("_heads", {})
+        if rows not in heads:
+            heads[rows] = self.subset(torch.arange(rows, device=self.adapter.device))
+        return heads[rows]
+
+    def reordered(self, source: list[int], device) -> "RowLayout":
+        """Row i of the new layout is row source[i] of this one (same sequences)."""
+        return RowLayout.build([self.rows[i] for i in source], len(self.expert_row), device)
 
     @cached_property
     def experts(self) -> "RowLayout":

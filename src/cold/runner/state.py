@@ -1,5 +1,12 @@
-"""The state of a batch between decode steps: its row layout, KV cache, attention mask, positions
-and last hidden states. Made by `ModelRunner.prefill`; changed only by the runner."""
+"""The state of a batch between decode steps: its row layout, KV cache, attention mask, positions,
+last hidden states and the lazy amateur's bookkeeping. Made by `ModelRunner.prefill`; changed
+only by the runner.
+
+Rows are ordered expert rows (one per sequence, in sequence order), then the amateur rows that
+run with them at every step, then the lagging amateur rows; a decode step forwards the first
+`active` rows. A lagging row's mask is 0 over the columns it skipped (its "holes", the last
+len(pending) columns) until it catches up.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from cold.runner.rows import RowLayout
+from cold.sampling.amateur import AmateurLag
 
 SPARE_COLUMNS = 64  # extra mask columns allocated whenever the mask must grow
 
@@ -31,18 +39,28 @@ class GrowingMask:
     def rows(self) -> int:
         return self._buffer.shape[0]
 
-    def append_real(self) -> None:
-        """Add one column of real tokens (every row's new token)."""
+    def append(self, real_rows: int | None = None) -> None:
+        """Add one column: a real token in the first `real_rows` rows (None: all), a hole in the rest."""
         if self.length == self._buffer.shape[1]:
             grown = self._buffer.new_zeros(self.rows, self.length + SPARE_COLUMNS)
             grown[:, : self.length] = self._buffer
             self._buffer = grown
-        self._buffer[:, self.length] = 1
+        self._buffer[:real_rows, self.length] = 1
+        self._buffer[real_rows:, self.length] = 0
         self.length += 1
+
+    def fill(self, rows: torch.Tensor, start: int, real: torch.Tensor) -> None:
+        """Mark columns [start, start + T) of rows `rows` [N] real where `real` [N, T] is set."""
+        columns = self._buffer[rows, start : start + real.shape[1]]
+        self._buffer[rows, start : start + real.shape[1]] = columns | real.to(columns.dtype)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep rows `rows` (in that order), and the spare room."""
         self._buffer = self._buffer[rows]
+
+    def move_rows(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Row rows[i] takes row sources[i]'s mask (the rest stay)."""
+        self._buffer[rows] = self._buffer[sources]
 
     def repeat_rows(self, times: int) -> None:
         self._buffer = self._buffer.repeat_interleave(times, dim=0)
@@ -63,7 +81,9 @@ class BatchState:
     cache: DynamicCache
     mask: GrowingMask  # [R, L]
     positions: torch.Tensor  # [R] position of each row's next token
-    hidden: torch.Tensor  # [R, H] last hidden state of each row, not yet scored
+    hidden: torch.Tensor  # [R, H] last hidden state of each row, not yet scored (stale in lagging rows)
+    amateur: AmateurLag  # per sequence: which amateurs lag, their pending tokens, how often they were needed
+    active: int  # rows a decode step forwards: the expert rows and the co-batched amateur rows
 
     @property
     def attention_mask(self) -> torch.Tensor:

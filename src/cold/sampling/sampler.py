@@ -38,6 +38,7 @@ class Sampler:
         contrastive = [i for i, p in enumerate(self.params) if p.contrastive]
         self.every_contrastive = bool(contrastive) and len(contrastive) == len(self.params)
         self.contrastive = tensor(contrastive, torch.long) if contrastive else None  # [C] sequence indices
+        self.contrastive_seqs = contrastive  # the same, as a list
         chosen = [self.params[i] for i in contrastive]
         self.alpha = tensor([p.alpha for p in chosen], torch.float32)  # [C]
         self.beta = tensor([p.beta for p in chosen], torch.float32)  # [C]
