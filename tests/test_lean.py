@@ -42,7 +42,11 @@ def test_lean_step_is_used_for_llama_and_shares_the_weights(tiny, tiny_adapters)
     lean = Engine(tiny, tiny_adapters[:1])
     assert lean.lean is not None
     attn = tiny.model.model.layers[0].self_attn
-    assert lean.lean.layers[0].q.data_ptr() == attn.q_proj.base.weight.data_ptr()  # no copy of the base
+    qkv = lean.lean.layers[0].qkv  # q, k, v back to back, and the layers' own weights are views of it
+    q_rows = attn.q_proj.base.weight.shape[0]
+    assert qkv.data_ptr() == attn.q_proj.base.weight.data_ptr()  # no copy of the base
+    assert qkv[q_rows:].data_ptr() == attn.k_proj.base.weight.data_ptr()
+    assert Engine(tiny, tiny_adapters[:1]).lean.layers[0].qkv.data_ptr() == qkv.data_ptr()  # fused once
 
 
 def test_one_lean_step_matches_the_reference_forward(tiny, tiny_adapters):

@@ -3,10 +3,12 @@ far fewer tensor calls.
 
 One decode step (one new token per row) runs through the transformer body directly:
 
-- the base weights are the model's own tensors, used in place (never copied or fused);
-- the LoRA A matrices of q/k/v (of gate/up) are stacked, so each group costs one A matmul and
-  one row-scale multiply, and each member one in-place `addmm_` of its B, on the adapted rows
-  only (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
+- linear layers that share an input run as one matmul: q/k/v, and gate/up. Their base weights
+  are concatenated once into one tensor and the model's own layers are given views into it, so
+  there is still one copy of the base weights (transformers' forward reads the same memory);
+- the LoRA of such a group is one A matmul (the members' A stacked), one row-scale multiply and
+  one in-place `addmm_` of the members' B as one block-diagonal matrix, on the adapted rows only
+  (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
 - residual adds are folded into the output projections (`addmm`);
 - rotary embedding is applied to q and k in one go; attention is the same grouped SDPA call as
   the reference path (`cold.runner.attention`).
@@ -44,38 +46,28 @@ def supports(model) -> bool:
 
 @dataclass
 class LoraGroup:
-    """The LoRA of linear layers that share an input (q/k/v, or gate/up), per adapter.
+    """The LoRA of linear layers that share an input (q/k/v, gate/up, or one layer), per adapter,
+    for their fused output (the members' outputs side by side).
 
-    One matmul gives every member's LoRA hidden state, h = (x A^T) * row scale with the members'
-    A matrices stacked; each member then adds h[:, its columns] B^T to its own output.
+    h = (x A^T) * row scale with the members' A matrices stacked, then y += h B^T with the
+    members' B^T as one block-diagonal matrix (a member without this LoRA: a zero block).
     """
 
     a: list[torch.Tensor]  # per adapter: [r_total, in], the members' A stacked
-    b_t: list[list[torch.Tensor | None]]  # per adapter, per member: B^T [r, out] (None: not adapted)
-    spans: list[tuple[int, int]]  # per member: its columns of h
+    b_t: list[torch.Tensor]  # per adapter: [r_total, out_total], the members' B^T block-diagonal
 
-    def hidden(self, x: torch.Tensor, adapter: int, scale: torch.Tensor) -> torch.Tensor:
-        """x [A, in] (the adapted rows), scale [A, 1] -> h [A, r_total]."""
-        return F.linear(x, self.a[adapter]) * scale
-
-    def add(self, y: torch.Tensor, h: torch.Tensor, member: int, adapter: int) -> None:
-        """Add member `member`'s LoRA delta to y [A, out] (a view of the adapted rows) in place."""
-        b_t = self.b_t[adapter][member]
-        if b_t is not None:
-            start, end = self.spans[member]
-            y.addmm_(h[:, start:end], b_t)
+    def add(self, y: torch.Tensor, x: torch.Tensor, adapter: int, scale: torch.Tensor) -> None:
+        """y [A, out_total] (a view of the adapted rows) += LoRA delta of x [A, in]; scale [A, 1]."""
+        y.addmm_(F.linear(x, self.a[adapter]) * scale, self.b_t[adapter])
 
 
 @dataclass
 class LeanLayer:
     input_norm: torch.Tensor  # [H]
     post_norm: torch.Tensor  # [H]
-    q: torch.Tensor  # [Hq * D, H] (the Linear weights themselves, not copies)
-    k: torch.Tensor  # [Hkv * D, H]
-    v: torch.Tensor  # [Hkv * D, H]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]: q, k and v weights back to back (the layers' weights are views of it)
     o_t: torch.Tensor  # [Hq * D, H], o_proj's weight transposed (a view)
-    gate: torch.Tensor  # [I, H]
-    up: torch.Tensor  # [I, H]
+    gate_up: torch.Tensor  # [2 I, H]: gate and up weights back to back (likewise)
     down_t: torch.Tensor  # [I, H], down_proj's weight transposed (a view)
     lora_qkv: LoraGroup | None
     lora_o: LoraGroup | None
@@ -102,21 +94,19 @@ class LeanDecoder(nn.Module):
 
     def _layer(self, layer) -> LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
-        weight = lambda module: _base(module).weight  # noqa: E731
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
         return LeanLayer(
             input_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
-            q=weight(attn.q_proj), k=weight(attn.k_proj), v=weight(attn.v_proj), o_t=weight(attn.o_proj).T,
-            gate=weight(mlp.gate_proj), up=weight(mlp.up_proj), down_t=weight(mlp.down_proj).T,
-            lora_qkv=lora_group([attn.q_proj, attn.k_proj, attn.v_proj]),
-            lora_o=lora_group([attn.o_proj]),
-            lora_gate_up=lora_group([mlp.gate_proj, mlp.up_proj]),
-            lora_down=lora_group([mlp.down_proj]),
+            qkv=fused_weight(qkv), o_t=_base(attn.o_proj).weight.T,
+            gate_up=fused_weight(gate_up), down_t=_base(mlp.down_proj).weight.T,
+            lora_qkv=lora_group(qkv), lora_o=lora_group([attn.o_proj]),
+            lora_gate_up=lora_group(gate_up), lora_down=lora_group([mlp.down_proj]),
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """LlamaRMSNorm, written out (float32 models: the same operations in the same order)."""
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        """LlamaRMSNorm (float32 models: the same result; narrower ones: the norm itself in float32)."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def forward(self, input_ids, attention_mask, position_ids, cache, rows: RowSelection) -> torch.Tensor:
         """One token per row: input_ids, position_ids [R, 1]; attention_mask [R, L] (1 = real
@@ -131,31 +121,29 @@ class LeanDecoder(nn.Module):
         lora = adapter is not None
         span = rows.span  # the adapted rows: only they pay for the LoRA (CoLD's amateur rows follow them)
         scale = rows.scale[span, None].to(x.dtype) if lora else None  # [A, 1]
+        qk_width, inner = (heads + kv) * dim, self.layers[0].gate_up.shape[0] // 2 if self.layers else 0
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            q, k, value = F.linear(h, layer.q), F.linear(h, layer.k), F.linear(h, layer.v)
+            qkv = F.linear(h, layer.qkv)  # [R, (Hq + 2 Hkv) D]
             if lora and layer.lora_qkv:
-                low = layer.lora_qkv.hidden(h[span], adapter, scale)
-                for i, y in enumerate((q, k, value)):
-                    layer.lora_qkv.add(y[span], low, i, adapter)
-            qk = _rotate(torch.cat([q, k], dim=1).view(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
-            keys, values = cache.layers[index].update(qk[:, heads:, None], value.view(rows_n, kv, 1, dim))  # [R, Hkv, L, D]
+                layer.lora_qkv.add(qkv[span], h[span], adapter, scale)
+            qk = _rotate(qkv[:, :qk_width].reshape(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
+            value = qkv[:, qk_width:].reshape(rows_n, kv, 1, dim)
+            keys, values = cache.layers[index].update(qk[:, heads:, None], value)  # [R, Hkv, L, D]
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
             attn = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scaling)
             attn = attn.reshape(rows_n, heads * dim).to(x.dtype)  # the cache's dtype may be narrower
             x = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
             if lora and layer.lora_o:
-                layer.lora_o.add(x[span], layer.lora_o.hidden(attn[span], adapter, scale), 0, adapter)
+                layer.lora_o.add(x[span], attn[span], adapter, scale)
             h = self._norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate), F.linear(h, layer.up)
+            gate_up = F.linear(h, layer.gate_up)  # [R, 2 I]
             if lora and layer.lora_gate_up:
-                low = layer.lora_gate_up.hidden(h[span], adapter, scale)
-                layer.lora_gate_up.add(gate[span], low, 0, adapter)
-                layer.lora_gate_up.add(up[span], low, 1, adapter)
-            m = F.silu(gate) * up  # [R, I]
+                layer.lora_gate_up.add(gate_up[span], h[span], adapter, scale)
+            m = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]  # [R, I]
             x = torch.addmm(x, m, layer.down_t)  # residual + down_proj
             if lora and layer.lora_down:
-                layer.lora_down.add(x[span], layer.lora_down.hidden(m[span], adapter, scale), 0, adapter)
+                layer.lora_down.add(x[span], m[span], adapter, scale)
         return self._norm(x, body.norm.weight)
 
 
@@ -169,22 +157,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def fused_weight(modules: list[nn.Module]) -> torch.Tensor:
+    """[sum of out, in]: the base weights of linear layers that share an input, back to back.
+
+    Concatenated once; each layer's weight is then replaced by its view into the result, so the
+    model keeps one copy. Layers fused before (by an earlier LeanDecoder) are used as they are.
+    """
+    bases = [_base(m) for m in modules]
+    weights = [b.weight for b in bases]
+    first = weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    offsets = [w.storage_offset() for w in weights]
+    if (all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for w in weights)
+            and all(o + w.numel() == n for o, w, n in zip(offsets, weights, offsets[1:]))):
+        return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    fused = torch.cat([w.detach() for w in weights])
+    start = 0
+    for base, weight in zip(bases, weights):
+        base.weight = nn.Parameter(fused[start : start + weight.shape[0]], requires_grad=weight.requires_grad)
+        start += weight.shape[0]
+    return fused
+
+
 def lora_group(modules: list[nn.Module]) -> LoraGroup | None:
-    """The LoRA of linear layers that share an input; None if none of them is adapted."""
-    if not any(isinstance(m, RowLoRALinear) for m in modules):
+    """The LoRA of linear layers that share an input, for their fused output; None if none is adapted."""
+    adapted = [m for m in modules if isinstance(m, RowLoRALinear)]
+    if not adapted:
         return None
-    a_parts, b_parts, spans, col = [], [], [], 0
-    for module in modules:
-        if isinstance(module, RowLoRALinear):
-            rank = module.lora_a.shape[1]
-            a_parts.append(module.lora_a)  # [n, r, in]
-            b_parts.append([b.T.contiguous() for b in module.lora_b.unbind(0)])  # per adapter [r, out]
-        else:
-            rank = 0
-            b_parts.append(None)
-        spans.append((col, col + rank))
-        col += rank
-    a = torch.cat(a_parts, dim=1)  # [n, r_total, in]
-    n_adapters = a.shape[0]
-    b_t = [[None if parts is None else parts[k] for parts in b_parts] for k in range(n_adapters)]
-    return LoraGroup(a=[m.contiguous() for m in a.unbind(0)], b_t=b_t, spans=spans)
+    n_adapters = adapted[0].lora_a.shape[0]
+    like = adapted[0].lora_a
+    a, b_t = [], []
+    for k in range(n_adapters):
+        a_parts, blocks, width = [], [], sum(_base(m).weight.shape[0] for m in modules)
+        column = 0
+        for module in modules:
+            out = _base(module).weight.shape[0]
+            if isinstance(module, RowLoRALinear):
+                a_parts.append(module.lora_a[k])  # [r, in]
+                block = like.new_zeros(module.lora_a.shape[1], width)
+                block[:, column : column + out] = module.lora_b[k].T  # B^T [r, out] in this member's columns
+                blocks.append(block)
+            column += out
+        a.append(torch.cat(a_parts).contiguous())  # [r_total, in]
+        b_t.append(torch.cat(blocks).contiguous())  # [r_total, out_total]
+    return LoraGroup(a=a, b_t=b_t)
