@@ -96,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     problems = read_commonsenseqa(args.data)
     reserved = {p.id for p in select(problems, TUNING_RESERVE, seed=0)}
-    base = load_base(args.model)
+    base = load_base(args.model, dtype="float32")  # as the recorded study ran, whatever the CPU's default
     model = PeftModel.from_pretrained(base.model, str(args.adapter)).eval()
     prompt_format = resolve_prompt_format(base.tokenizer, args.prompt, args.model)
     raw = [row for _, row in _jsonl_rows(args.data)]  # the reader's own rows: aligned with `problems`

@@ -57,7 +57,8 @@ def main() -> None:
     run_info = json.loads((args.run / "run.json").read_text())
     problems = {p.id: p for p in read_commonsenseqa(Path(run_info["data"]))}
     expert, cold = read_records(args.run, "expert"), read_records(args.run, args.cold)
-    engine = Engine(load_base(run_info["model"]))  # no adapter: the bare base model, as the amateur row
+    # no adapter: the bare base model, as the amateur row; in the run's dtype (float32 before it was recorded)
+    engine = Engine(load_base(run_info["model"], dtype=run_info.get("dtype", "float32")))
     style = make_style(run_info["prompt"])
     by_base = {"base picks the gold choice": [], "base picks another choice": []}
     by_agreement = {"expert answers the base's choice": [], "expert answers another choice": []}

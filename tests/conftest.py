@@ -5,7 +5,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
 from pathlib import Path
+
+# Pin the compute dtype before anything loads a model: the automatic default (cold.load.models.
+# default_dtype) is bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere, and the suite must
+# give the same results on every CPU. Subprocesses the tests start inherit it. A caller's own
+# COLD_DTYPE wins.
+os.environ.setdefault("COLD_DTYPE", "float32")
 
 import pytest
 import torch

@@ -92,6 +92,7 @@ def test_stream_json_events_add_up(tiny_dir, tiny_lora):
         (["--input", "/nonexistent.jsonl"], "file not found"),
         (["--adapter", "/nonexistent-adapter", "x"], "directory not found"),
         (["--kv-dtype", "int8", "x"], "is not one of"),
+        (["--dtype", "int3", "x"], "dtype 'int3' is not one of auto, float32"),
         (["--engine", "vllm", "--kv-dtype", "bfloat16", "x"], "--kv-dtype applies to --engine cold"),
     ],
 )

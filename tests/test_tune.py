@@ -121,6 +121,7 @@ def test_tune_against_an_amateur_adapter(tiny_dir, tune_lora, tmp_path):
     (["--scoring", "both"], "--scoring must be logit, logprob or logit,logprob"),
     (["--betas", "-1"], "--betas values must be >= 0.0"),
     (["--limit", "0"], "--limit must be >= 1"),
+    (["--dtype", "int3"], "dtype 'int3' is not one of auto, float32, bfloat16, float16"),
 ])
 def test_tune_errors_are_one_clear_line(args, message, tmp_path):
     result = runner.invoke(app, ["tune", *args, "--out", str(tmp_path / "never")])

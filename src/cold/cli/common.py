@@ -54,7 +54,7 @@ def reports_errors(command):
 Model = Annotated[str, typer.Option(help="Base model: 'smollm2' or 'gemma3' (built in), a Hugging Face directory, or a .gguf file.")]
 EvalModel = Annotated[str, typer.Option(help="Base model: 'smollm2' (built in), a Hugging Face directory, or a .gguf file.")]  # eval, tune, bench
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+Dtype = Annotated[str, typer.Option(help="auto (default: bfloat16 where the CPU multiplies it natively (AVX512-BF16/AMX), else float32; CUDA: bfloat16), float32, bfloat16 or float16. $COLD_DTYPE sets what auto means.")]
 KvDtype = Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")]
 
 

@@ -96,7 +96,7 @@ def generate(
     field: Annotated[str, typer.Option(help="Field holding the prompt in --input objects.")] = "prompt",
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together in one batch.")] = 16,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     kv_dtype: KvDtype = None,
     engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
 ) -> None:

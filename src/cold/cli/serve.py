@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cold.cli.common import check_positive, err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
+from cold.cli.common import Dtype, check_positive, err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
 from cold.params import EngineName
 
 
@@ -26,7 +26,7 @@ def serve(
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Refuse longer prompts with 413 (default: only the model's context limits them).")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Refuse larger request bodies with 413.")] = 1 << 20,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,

@@ -61,7 +61,7 @@ def tune_command(
     headline: Annotated[Rule, typer.Option(help="Extraction rule the best setting is chosen by.")] = Rule.flexible,
     bootstrap: Bootstrap = 10_000,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     amateur_adapter: AmateurAdapter = None,
     amateur_scale: AmateurScale = 1.0,
 ) -> None:
@@ -74,7 +74,10 @@ def tune_command(
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
     from cold.evaluation import tune
+    from cold.load.models import dtype_name, pick_dtype
 
+    # "auto" becomes the dtype it means here, so that the run records it and the cold eval command repeats it
+    dtype = dtype_name(pick_dtype(dtype, device))
     check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
     scorings = [s.strip() for s in scoring.split(",") if s.strip()]
     if not scorings or any(s not in tune.SCORINGS for s in scorings) or len(set(scorings)) != len(scorings):

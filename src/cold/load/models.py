@@ -1,7 +1,13 @@
-"""Load base models: a Hugging Face model directory, a GGUF file (`cold.load.gguf`), or a built-in name."""
+"""Load base models: a Hugging Face model directory, a GGUF file (`cold.load.gguf`), or a built-in name.
+
+Also the dtype the weights are computed in: `pick_dtype` turns a name into a torch dtype, and "auto"
+(or None) into `default_dtype(device)`, the automatic choice that `COLD_DTYPE` overrides.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +19,9 @@ from cold.load.gguf import BUILTIN_MODELS, builtin_gguf, convert_gguf
 DEFAULT_MODEL = "smollm2"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ENV = "COLD_DTYPE"  # a DTYPES name that replaces the automatic choice (tests pin float32 with it)
+# /proc/cpuinfo flags of the instructions that multiply bfloat16 natively (AVX512-BF16, AMX-BF16)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass
@@ -29,29 +38,31 @@ class BaseModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def resolve_model_dir(source: str) -> Path:
+def resolve_model_dir(source: str, dtype: str | torch.dtype | None = None) -> Path:
     """Turn a model argument into a Hugging Face directory, converting a GGUF file if needed.
 
     `source` is a built-in name, a directory with config.json, a `.gguf` file, or
-    `DIR::FILE.gguf` for a GGUF inside a directory.
+    `DIR::FILE.gguf` for a GGUF inside a directory. A GGUF is converted into a copy whose weights
+    are in `dtype` (`pick_dtype`: None or "auto" is the default dtype); a directory is returned as it is.
     """
     if source in BUILTIN_MODELS:
-        return convert_gguf(builtin_gguf(source))
+        return convert_gguf(builtin_gguf(source), pick_dtype(dtype))
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
+        return convert_gguf(path, pick_dtype(dtype))
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
-                return convert_gguf(ggufs[0])
+                return convert_gguf(ggufs[0], pick_dtype(dtype))
             raise ColdError(f"model directory {path} has no config.json (and not exactly one .gguf file)")
         return path
     known = ", ".join(sorted(BUILTIN_MODELS))
     raise ColdError(f"model {source!r} is not a built-in name ({known}), a directory or a .gguf file")
 
 
-def pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """A torch device; None or "auto" is CUDA where available, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -60,23 +71,65 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype to compute in when none is given: `$COLD_DTYPE` if set, else bfloat16 on CUDA and on a
+    CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), else float32.
+
+    torch 2.13 does not report these instructions (`torch.backends.cpu.get_cpu_capability()` says
+    only "AVX512"), so the CPU's flags are read from /proc/cpuinfo. Without them bfloat16 matmuls
+    are emulated and slower than float32, which is why float32 stays the default there.
+    """
+    pinned = os.environ.get(DTYPE_ENV, "").strip()
+    if pinned and pinned != "auto":
+        if pinned not in DTYPES:
+            raise ColdError(f"{DTYPE_ENV}={pinned!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[pinned]
+    if pick_device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_flags() & set(BF16_CPU_FLAGS) else torch.float32
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a name in DTYPES, or a torch dtype as it is; None or "auto" is `default_dtype(device)`."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ColdError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ColdError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The DTYPES name of a torch dtype ("bfloat16" for torch.bfloat16)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = None) -> BaseModel:
-    """Load a base model and its tokenizer, read-only and in eval mode, from local files only."""
+    """Load a base model and its tokenizer, read-only and in eval mode, from local files only.
+
+    `dtype` is what `pick_dtype` takes (None or "auto": the default for `device`); a GGUF source is
+    read from its converted copy in that dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
-    path = resolve_model_dir(source)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    path = resolve_model_dir(source, torch_dtype)
     hf_logging.disable_progress_bar()  # the "Loading weights" bar; conversion above keeps its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

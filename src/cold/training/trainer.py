@@ -102,7 +102,7 @@ def train_lora(
     torch.manual_seed(seed)
 
     data_file, pairs = load_task(task, data_path)
-    base = load_base(base_model)
+    base = load_base(base_model, dtype="float32")  # the recipe trains in float32, whatever the inference default
     tokenizer = base.tokenizer
     prompt_format = hyperparameters["prompt_format"] = resolve_prompt_format(tokenizer, prompt_format, base_model)
     examples, skipped = encode_dataset(tokenizer, pairs, max_length, prompt_format)

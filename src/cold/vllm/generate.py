@@ -63,6 +63,7 @@ def make_llm(
     """A `vllm.LLM` set up for CoLD pairs, and the LoRARequest of `adapter` (None without one).
 
     `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file).
+    `dtype` is what `--dtype` takes; "auto" is cold's default (`cold.load.models.default_dtype`).
     Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the V1
     model runner is selected (the processor's interface), and `max_num_batched_tokens` is
     `max_model_len * 4` unless given. Other keyword arguments go to `vllm.LLM`.
@@ -73,9 +74,11 @@ def make_llm(
     vllm = require_vllm()
     from vllm.lora.request import LoRARequest
 
-    from cold.load.models import resolve_model_dir  # torch-bound: importing cold.vllm stays light
+    # torch-bound: importing cold.vllm stays light
+    from cold.load.models import dtype_name, pick_dtype, resolve_model_dir
 
-    path = resolve_model_dir(model)
+    dtype = dtype_name(pick_dtype(dtype))  # "auto": our default, not vLLM's; a GGUF is converted in it
+    path = resolve_model_dir(model, dtype)
     lora = None
     rank = 8
     if adapter is not None:
