@@ -418,7 +418,7 @@ def measure(settings: dict, isolate: bool, progress=None) -> dict:
             task = settings["e2e_task"] if settings["e2e"] else ""
             settings["adapter"], settings["make_adapter"] = _resolve_adapter(settings["model"], settings["adapter_given"],
                                                                              Path(tmp), task)
-            resolve_model_dir(settings["model"])  # convert a GGUF once, before the measuring processes start
+            resolve_model_dir(settings["model"], settings["dtype"])  # convert a GGUF once, before the measuring processes start
             cells = Cells(isolate)
             report = (run_e2e if settings["e2e"] else run_bench)(settings, cells, progress)
             if settings["make_adapter"]:

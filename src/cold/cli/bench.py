@@ -33,7 +33,7 @@ def bench_command(
     beta: Annotated[float, typer.Option(help="CoLD contrast strength.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the random prompts (and of a random LoRA).")] = 0,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype of our engine's decoders (default: --dtype), e.g. bfloat16 under float32 weights: half the cache memory.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads in every measuring process (default: torch's default).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
@@ -61,7 +61,7 @@ def bench_command(
       cold bench --e2e 100 --e2e-task coin_flip --cobatch-steps 0,4,always --new-tokens 128
     """
     from cold.bench import report as bench_report
-    from cold.load.models import pick_device, pick_dtype
+    from cold.load.models import dtype_name, pick_device, pick_dtype
 
     if e2e < 0:
         raise ColdError(f"--e2e must be >= 0, got {e2e}")
@@ -69,14 +69,14 @@ def bench_command(
                    bandwidth_mb=bandwidth_mb, e2e_batch_size=e2e_batch_size)
     if warmup < 0:
         raise ColdError(f"--warmup must be >= 0, got {warmup}")
-    pick_dtype(dtype)
+    device = str(pick_device(device))  # "auto" -> what it means here
+    dtype = dtype_name(pick_dtype(dtype, device))  # likewise: every recorded table names the dtype measured
     decoder_list = _decoder_list(decoders, bool(e2e))
     policies = _cobatch_list(cobatch_steps, decoder_list)
     kv_dtype = _kv_dtype(kv_dtype, dtype, decoder_list)
     if not e2e and (e2e_task is not None or e2e_file is not None):
         raise ColdError("--e2e-task and --e2e-file apply to end-to-end mode; give --e2e N too")
     task, task_file = bench.e2e_source(e2e_task, e2e_file) if e2e else (None, None)
-    device = str(pick_device(device))  # "auto" -> what it means here
     settings = {
         "model": model, "adapter_given": adapter, "decoders": decoder_list,
         "batch_sizes": _int_list(batch_sizes, "--batch-sizes"), "prompt_tokens": prompt_tokens,

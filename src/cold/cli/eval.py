@@ -58,7 +58,7 @@ def eval_command(
     answer_type: Annotated[AnswerType, typer.Option(help="--task jsonl: number, yesno, choice (needs --choices-field) or text.")] = AnswerType.number,
     choices_field: Annotated[Optional[str], typer.Option(help="--task jsonl: field holding the choices (strings, or objects with label and text).")] = None,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     kv_dtype: KvDtype = None,
     amateur_adapter: AmateurAdapter = None,
     amateur_scale: AmateurScale = 1.0,
@@ -80,9 +80,11 @@ def eval_command(
       cold eval --task commonsenseqa --adapter runs/final --amateur-adapter runs/final/step-100 --decoders expert,cold@0.1/0.5,cold@0.1/0.5:amateur
     """
     from cold.evaluation import report
-    from cold.load.models import pick_dtype
+    from cold.load.models import dtype_name, pick_dtype
 
     specs = decoder_specs.parse_decoders(decoders)
+    # "auto" becomes the dtype it means here, so that the run records it (and resumes only in it)
+    dtype = dtype_name(pick_dtype(dtype, device))
     check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
     if kv_dtype is not None and pick_dtype(kv_dtype) == pick_dtype(dtype):
         kv_dtype = None  # the default, spelled out
