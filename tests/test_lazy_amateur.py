@@ -189,3 +189,23 @@ def test_lagging_rows_skip_the_forward(engines):
         assert batch.state.active == len(PROMPTS) and batch.state.mask.rows == 2 * len(PROMPTS)
         batch.step()
         assert batch.state.active == len(PROMPTS)
+
+
+def test_joining_amateurs_are_prefilled_while_most_sequences_need_theirs():
+    from cold.sampling.amateur import NeedShare
+
+    share = NeedShare()
+    assert share.prefill(16) and share.prefill(ALWAYS) and not share.prefill(0)  # K = 0: never prefilled
+    share.record([0] * 9)  # nine sequences that never needed their amateur
+    assert not share.prefill(16) and share.prefill(ALWAYS)
+    share.record([3] * 9)
+    assert share.prefill(16)
+
+
+def test_the_runner_learns_to_defer_the_amateur_prompt(engines):
+    """alpha = 1: no sequence needs its amateur, so after a few the joining amateurs stop being prefilled."""
+    engine = engines[16]
+    assert engine.runner.need_share.prefill(16)
+    for _ in range(4):
+        engine.generate(PROMPTS, chat=True, decoder="cold", alpha=1.0, max_new_tokens=2)
+    assert not engine.runner.need_share.prefill(16)

@@ -31,11 +31,11 @@ from cold.runner.llama_step import supports as lean_supported
 from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
 from cold.runner.state import BatchState, GrowingMask
 from cold.sampling import scoring
-from cold.sampling.amateur import ALWAYS, AmateurLag
+from cold.sampling.amateur import ALWAYS, AmateurLag, NeedShare
 from cold.sampling.sampler import Sampler
 
 PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in chunks of columns)
-DEFAULT_COBATCH_STEPS = 4  # the lazy amateur's default policy (bench/README.md: how it was chosen)
+DEFAULT_COBATCH_STEPS = 16  # the lazy amateur's default policy (bench/README.md: how it was chosen)
 
 
 class ModelRunner:
@@ -62,6 +62,7 @@ class ModelRunner:
         if not isinstance(cobatch_steps, int) or cobatch_steps < 0:
             raise ColdError(f"cobatch_steps must be an integer >= 0, got {cobatch_steps!r}")
         self.cobatch_steps = cobatch_steps
+        self.need_share = NeedShare()  # decides whether joining amateurs are prefilled (cold.sampling.amateur)
         self.rows = RowSelection()
         self.adapters: list[LoraAdapter] = []
         self.lean: LeanDecoder | None = None
@@ -127,11 +128,11 @@ class ModelRunner:
     # ---- the batch state ----------------------------------------------------------------------
 
     def prefill(self, prompts: Sequence[Sequence[int]], layout: RowLayout, max_new_tokens: int,
-                amateur_prompts: bool = False) -> BatchState:
+                amateur_prompts: bool | None = None) -> BatchState:
         """Run every row's prompt (`prompts[seq]` for each row's sequence); room is reserved in the
-        cache for `max_new_tokens` more columns, so decoding never reallocates it. With a lazy
-        amateur (`cobatch_steps` < ALWAYS) the amateur rows are skipped, their prompts left
-        pending, unless `amateur_prompts` (beam search: every beam would catch up the same prompt)."""
+        cache for `max_new_tokens` more columns, so decoding never reallocates it. The amateur
+        rows are skipped, their prompts left pending, where the policy says so (`NeedShare`),
+        or as `amateur_prompts` says (beam search: True, as every beam would catch up the same prompt)."""
         ids, mask, positions = left_pad([prompts[r.seq] for r in layout.rows], self.pad_id, self.device)
         reserve = min(ids.shape[1] + max_new_tokens, self.context_length)
         rows, length = ids.shape
@@ -140,6 +141,8 @@ class ModelRunner:
         num_seqs = len(layout.expert_row)
         contrastive = (layout.amateur_row != layout.expert_row).tolist()
         # sliding-window layers write every row at every step: their amateurs stay current
+        if amateur_prompts is None:
+            amateur_prompts = self.need_share.prefill(self.cobatch_steps)
         lag = AmateurLag.start(prompts, contrastive, ALWAYS if sliding else self.cobatch_steps, amateur_prompts)
         active = num_seqs if any(lag.pending) else rows
         mask[active:] = 0  # the skipped rows' prompt columns are holes
@@ -200,6 +203,8 @@ class ModelRunner:
     def keep(self, state: BatchState, kept_seqs: list[int]) -> BatchState | None:
         """Only sequences `kept_seqs` (renumbered 0.. in that order); None when none is kept. Leading
         columns that are padding in every remaining row are dropped."""
+        lag, kept = state.amateur, set(kept_seqs)
+        self.need_share.record([lag.needed[s] for s in range(len(lag)) if s not in kept and lag.contrastive[s] and lag.steps[s]])
         if not kept_seqs:
             return None
         layout, old_rows = state.layout.keep(kept_seqs, self.device)

@@ -11,7 +11,11 @@ it its pending tokens as one multi-token chunk (a "catch-up") before scoring.
 The policy (`cobatch_steps`, K): after a step that needed the amateur, keep that sequence's
 amateur current, fed with the expert in the same forward, for K more steps; a sequence whose
 amateur went K steps unneeded lags until it is needed. K = 0 is fully lazy, K = ALWAYS keeps
-every amateur current (and prefilled at join) as plain co-batched CoLD does.
+every amateur current (and prefilled at join) as plain co-batched CoLD does. In between, a
+joining amateur is prefilled with its expert while most recent sequences needed their amateur
+at some step (`NeedShare`), and left to lag from its prompt otherwise: prefilling alongside the
+expert costs less than a separate catch-up pass over the prompt, but nothing for a sequence that
+never needs its amateur.
 
     lag = AmateurLag.start(prompts, contrastive, cobatch_steps)    # at join
     lag.observe(needed)           # after scoring: needed[seq] for every contrastive sequence
@@ -26,6 +30,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ALWAYS = 1 << 30  # cobatch_steps that keeps every amateur current
+PREFILL_SHARE = 0.4  # prefill joining amateurs while at least this share of recent sequences needed theirs
+SHARE_WEIGHT = 0.1  # weight of each finished sequence in that running share
+
+
+@dataclass
+class NeedShare:
+    """A running share (exponentially weighted) of finished CoLD sequences that needed their
+    amateur at least once; it starts at 1, so the first sequences are prefilled."""
+
+    value: float = 1.0
+
+    def record(self, needed_steps: Sequence[int]) -> None:
+        """Sequences that leave the batch, each with the number of steps that needed its amateur."""
+        for n in needed_steps:
+            self.value += SHARE_WEIGHT * ((n > 0) - self.value)
+
+    def prefill(self, cobatch_steps: int) -> bool:
+        """Whether joining amateurs are prefilled with their experts under policy K = cobatch_steps."""
+        return cobatch_steps >= ALWAYS or (cobatch_steps > 0 and self.value >= PREFILL_SHARE)
 
 
 @dataclass
