@@ -127,8 +127,8 @@ def test_e2e_mode_reports_wall_time_and_lengths(tiny_dir, tiny_lora, tmp_path, r
         assert (r["amateur_fraction"] is None) == (r["decoder"] == "expert")
         assert r["tokens"] == sum(r["lengths"]) and r["wall_s"] > 0 and 0 <= r["hit_max_fraction"] <= 1
         assert 0 < r["prefill_s"] < r["wall_s"] and r["decode_s"] == pytest.approx(r["wall_s"] - r["prefill_s"])
-        groups = 1 if refill else 2  # static: batches of 2 and 1, one per process; refill: one group of up to 8
-        assert len(r["batch_wall_s"]) == groups and r["wall_s"] == pytest.approx(sum(r["batch_wall_s"]))
+        # one group (a process) of at least 16 problems: static batches of 2 and 1 in it; refill: up to 8 at once
+        assert len(r["batch_wall_s"]) == 1 and r["wall_s"] == pytest.approx(r["batch_wall_s"][0])
         if refill:
             assert max(r["lengths"]) <= r["steps"] <= sum(r["lengths"])
         else:

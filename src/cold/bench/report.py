@@ -367,7 +367,7 @@ def e2e_header_lines(report: dict) -> list[str]:
         f"task: {s.get('e2e_task', 'gsm8k')}, the first {s['e2e']} problems of {s['e2e_file']}, chat prompt (as cold eval), "
         + (f"continuous batching of {s['e2e_batch_size']} (a problem joins as one finishes; groups of "
            f"{4 * s['e2e_batch_size']} problems per process)" if s.get("e2e_refill") else
-           f"static batches of {s['e2e_batch_size']} (finished rows leave, no refill; one batch per process)")
+           f"static batches of {s['e2e_batch_size']} (finished rows leave, no refill; at least 16 problems per process)")
         + f", EOS honoured, max {s['new_tokens']} new tokens, alpha={s['alpha']} beta={s['beta']}; decoders interleaved",
         "ms/token = wall time / tokens generated; amateur % = CoLD steps that needed the amateur (the plausibility "
         "mask left more than one token) / tokens generated",

@@ -57,6 +57,7 @@ DEFAULT_E2E_TASK = "gsm8k"
 POLICY_DECODERS = ("cold",)  # the decoders that --cobatch-steps runs once per lazy-amateur policy
 ALWAYS = "always"  # the --cobatch-steps policy that keeps every amateur co-batched (cold.sampling.amateur.ALWAYS)
 REFILL_GROUP = 4  # with --e2e-refill, each measuring process decodes 4 batches' worth of problems
+MIN_GROUP = 16  # and at least this many problems (static batches of 1: 16 of them), as a long CLI run would
 SCHEMA = "cold-bench/1"
 
 
@@ -358,7 +359,8 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
         say("making a random LoRA")
         cells.run(bench_cells.info_cell, {**common, "adapter": None, "make_adapter": s["make_adapter"], "max_batch": 1,
                                           "prompt_tokens": 1, "seed": 0}, "the model")
-    size = s["e2e_batch_size"] * (REFILL_GROUP if s["e2e_refill"] else 1)  # problems per measuring process
+    # problems per measuring process: the engine's running estimates (the lazy amateur's NeedShare) see several
+    size = max(s["e2e_batch_size"] * (REFILL_GROUP if s["e2e_refill"] else 1), MIN_GROUP)
     batches = [questions[i : i + size] for i in range(0, len(questions), size)]
     runs = policy_runs(s["decoders"], s["cobatch_steps"])
     parts: dict[str, list[dict]] = {r["label"]: [] for r in runs}
@@ -395,7 +397,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
         "machine": machine, "settings": _public(s), "info": {"adapter": s["adapter"], "task": s["e2e_task"]},
         "memory": {"isolated": cells.isolate, "method": "VmHWM of the measuring process from after the warm-up to the "
                                                            "end; the largest over the batches"},
-        "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill) and decoder, decoders "
+        "timing": "one fresh process per group of problems (a batch; 4 batches with --e2e-refill; at least 16 problems) and decoder, decoders "
                   "interleaved (order flipped every group); wall_s sums the groups' decode times (after loading and a "
                   "short warm-up); prefill_s the part of it spent in ModelRunner.prefill",
         "rows": rows, "paired": bench_report.e2e_paired(rows),

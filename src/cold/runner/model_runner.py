@@ -181,18 +181,21 @@ class ModelRunner:
         length = max(state.mask.length, other.mask.length)
         bounds = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
 
-        def rows_in_order(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        def in_order(mine, theirs) -> list:
+            """Both states' rows as [expert, expert, co-batched, co-batched, lagging, lagging] slices."""
             (s1, p1, r1), (s2, p2, r2) = bounds
-            return torch.cat([mine[:s1], theirs[:s2], mine[s1:p1], theirs[s2:p2], mine[p1:r1], theirs[p2:r2]])
+            return [mine[:s1], theirs[:s2], mine[s1:p1], theirs[s2:p2], mine[p1:r1], theirs[p2:r2]]
+
+        def rows_in_order(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.cat(in_order(mine, theirs))
 
         for mine, theirs in zip(state.cache.layers, other.cache.layers):
             mine.keys = rows_in_order(_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2))
             mine.values = rows_in_order(_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2))
         offset = len(state.layout.expert_row)
         theirs = [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.layout.rows]
-        specs = [state.layout.rows, theirs]
-        (s1, p1, r1), (s2, p2, r2) = bounds
-        ordered = (specs[0][:s1] + specs[1][:s2] + specs[0][s1:p1] + specs[1][s2:p2] + specs[0][p1:] + specs[1][p2:])
+        ordered = [spec for part in in_order(state.layout.rows, theirs) for spec in part]
+        (_, p1, _), (s2, p2, _) = bounds
         return BatchState(
             layout=RowLayout.build(ordered, offset + s2, self.device), cache=state.cache,
             mask=GrowingMask(rows_in_order(state.mask.left_padded(length), other.mask.left_padded(length))),
@@ -287,7 +290,8 @@ class ModelRunner:
         for i, tokens in enumerate(pending):
             ids[i, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
         ids = ids.to(self.device)
-        write = torch.arange(width, device=self.device)[None] >= width - torch.tensor([len(p) for p in pending], device=self.device)[:, None]
+        lags = torch.tensor([len(p) for p in pending], device=self.device)
+        write = torch.arange(width, device=self.device)[None] >= width - lags[:, None]  # [N, T]: the row's holes
         fresh = [row for row, s in zip(rows.tolist(), seqs) if not lag.started[s]]
         if fresh:
             clear_rows(state.cache, torch.tensor(fresh, device=self.device))
@@ -341,7 +345,8 @@ class ModelRunner:
 
     def _contrastive_scores(self, amateur_hidden, amateur_layout, expert, valid, beta, forms) -> torch.Tensor:
         """[C, V] CoLD scores of the contrastive sequences (expert logits [C, V], their
-        plausibility mask `valid` [C, V], the amateur rows' hidden states [C, H]).
+        plausibility mask `valid` [C, V], the amateur rows' hidden states [C, H]; `amateur_layout`:
+        those rows' adapter selection where the output layer is adapted, None where it is plain).
 
         The logit-form score reads the amateur only inside the expert's plausibility mask, so with
         a plain (unadapted) output layer only the union of the masked-in columns is computed, for

@@ -103,12 +103,6 @@ class RowLayout:
         rows = [RowSpec(renumber[r.seq], r.role, r.adapter, r.scale) for _, r in kept]
         return RowLayout.build(rows, len(kept_seqs), device), old_rows
 
-    def merged(self, other: "RowLayout", device) -> "RowLayout":
-        """This layout's rows followed by `other`'s, whose sequences come after this one's."""
-        offset = len(self.expert_row)
-        rows = self.rows + [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.rows]
-        return RowLayout.build(rows, offset + len(other.expert_row), device)
-
     def repeated(self, times: int, device) -> "RowLayout":
         """Each row becomes `times` consecutive rows; sequence s becomes sequences s*times + b (beams)."""
         rows = [RowSpec(r.seq * times + b, r.role, r.adapter, r.scale) for r in self.rows for b in range(times)]

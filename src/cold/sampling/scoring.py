@@ -32,15 +32,16 @@ def plausibility_mask(expert: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor
 def contrastive_scores(
     expert: torch.Tensor,
     amateur: torch.Tensor,
-    alpha: torch.Tensor,
+    alpha: torch.Tensor | None,
     beta: torch.Tensor,
     form: str = "logit",
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[S, V] CoLD scores, -inf outside the plausibility mask.
 
-    `valid`: the plausibility mask [S, V], when the caller has it already; the logit form then
-    also accepts some columns only (expert, amateur and valid all [S, K], the mask taken over all V).
+    `valid`: the plausibility mask [S, V], when the caller has it already (alpha is then unused);
+    the logit form then also accepts some columns only (expert, amateur and valid all [S, K], the
+    mask taken over all V).
     """
     beta = beta.to(expert.dtype)[:, None]
     if form == "logit":
