@@ -80,25 +80,25 @@ def test_step_bench_writes_json_png_and_markdown(tiny_dir, tiny_lora, tmp_path):
     assert "cold-naive" in result.stdout and "step ms" in result.stdout
 
 
-def test_kv_dtype_reaches_the_engine_decoders_and_the_report(tiny_dir, tiny_lora, tmp_path):
-    report_path = tmp_path / "kv.json"
+def _expert_and_cold_at_batch_1(tiny_dir, tiny_lora, tmp_path, *options) -> tuple:
+    """(CLI result, JSON report) of a one-round step-mode run of expert and cold with extra options."""
+    report_path = tmp_path / "report.json"
     result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--batch-sizes", "1",
-                                 "--repeats", "1", "--warmup", "1", "--decoders", "expert,cold", "--kv-dtype", "bfloat16",
+                                 "--repeats", "1", "--warmup", "1", "--decoders", "expert,cold", *options,
                                  "--no-isolate", *TINY, "--json", str(report_path)])
     assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
+    return result, json.loads(report_path.read_text())
+
+
+def test_kv_dtype_reaches_the_engine_decoders_and_the_report(tiny_dir, tiny_lora, tmp_path):
+    result, report = _expert_and_cold_at_batch_1(tiny_dir, tiny_lora, tmp_path, "--kv-dtype", "bfloat16")
     assert report["settings"]["kv_dtype"] == "bfloat16" and "--kv-dtype bfloat16" in report["command"]
     assert "KV cache bfloat16" in result.stdout
     assert [r["decoder"] for r in report["rows"]] == ["expert", "cold"]
 
 
 def test_cobatch_policies_are_rows_of_their_own_in_step_mode(tiny_dir, tiny_lora, tmp_path):
-    report_path = tmp_path / "policies.json"
-    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--adapter", str(tiny_lora), "--batch-sizes", "1",
-                                 "--repeats", "1", "--warmup", "1", "--decoders", "expert,cold", "--cobatch-steps", "0,always",
-                                 "--no-isolate", *TINY, "--json", str(report_path)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
+    result, report = _expert_and_cold_at_batch_1(tiny_dir, tiny_lora, tmp_path, "--cobatch-steps", "0,always")
     assert [(r["decoder"], r["kind"], r["cobatch_steps"]) for r in report["rows"]] == [
         ("expert", "expert", None), ("cold K=0", "cold", 0), ("cold always", "cold", "always")]
     assert report["settings"]["cobatch_steps"] == [0, "always"] and "--cobatch-steps 0,always" in report["command"]

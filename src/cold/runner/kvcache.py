@@ -108,7 +108,7 @@ class GrowingLayer(DynamicLayer):
         return self.reserve if needed <= self.reserve else needed + SPARE_COLUMNS
 
     def _first_buffers(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uninitialised: rows a forward skips hold garbage until written (`catch_up_cache` clears them)."""
+        """Uninitialised: rows a forward skips hold garbage until written (`clear_rows` zeroes them)."""
         _, heads, _, dim = keys.shape
         rows, capacity = self.rows or keys.shape[0], self._capacity(keys.shape[-2])
         taken = self._block.take(keys.new_empty(rows, heads, 0, dim), capacity) if self._block is not None else None
@@ -180,6 +180,14 @@ def catch_up_cache(cache: DynamicCache, rows: torch.Tensor, start: int, write: t
     window = DynamicCache()
     window.layers = [_Window(layer, rows, start, write) for layer in cache.layers]
     return window
+
+
+def move_rows(cache: DynamicCache, rows: torch.Tensor, sources: torch.Tensor) -> None:
+    """Row rows[i] of every layer takes the filled columns of row sources[i] (the others stay): a
+    swap of a few rows copies only those rows."""
+    for layer in cache.layers:
+        layer._k[rows, :, : layer._k_length] = layer._k[sources, :, : layer._k_length]
+        layer._v[rows, :, : layer._v_length] = layer._v[sources, :, : layer._v_length]
 
 
 def clear_rows(cache: DynamicCache, rows: torch.Tensor) -> None:

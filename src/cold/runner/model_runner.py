@@ -25,7 +25,7 @@ from cold.lora.layer import RowLoRALinear, install_adapters, uninstall_adapters
 from cold.lora.routing import RowSelection
 from cold.runner.attention import NAME as GROUPED_ATTENTION
 from cold.runner.attention import use_grouped_attention
-from cold.runner.kvcache import catch_up_cache, clear_rows, new_cache
+from cold.runner.kvcache import catch_up_cache, clear_rows, move_rows, new_cache
 from cold.runner.llama_step import LeanDecoder
 from cold.runner.llama_step import supports as lean_supported
 from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
@@ -269,10 +269,7 @@ class ModelRunner:
             source[i], source[j] = j, i
         moved = torch.tensor(misplaced + strays, device=self.device)
         origin = torch.tensor(strays + misplaced, device=self.device)
-        for layer in state.cache.layers:  # only the swapped rows are copied
-            length = layer._k_length
-            layer._k[moved, :, :length] = layer._k[origin, :, :length]
-            layer._v[moved, :, :length] = layer._v[origin, :, :length]
+        move_rows(state.cache, moved, origin)
         state.mask.move_rows(moved, origin)
         state.positions = state.positions[torch.tensor(source, device=self.device)]
         state.hidden = state.hidden[torch.tensor(source, device=self.device)]
