@@ -5,7 +5,8 @@ One decode step (one new token per row) runs through the transformer body direct
 
 - linear layers that share an input run as one matmul: q/k/v, and gate/up. Their base weights
   are concatenated once into one tensor and the model's own layers are given views into it, so
-  there is still one copy of the base weights (transformers' forward reads the same memory);
+  there is still one copy of the base weights (transformers' forward reads the same memory); the
+  originals' pages, memory-mapped from the weights file, are given back to the system;
 - the LoRA of such a group is one A matmul (the members' A stacked), one row-scale multiply and
   one in-place `addmm_` of the members' B as one block-diagonal matrix, on the adapted rows only
   (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
@@ -22,7 +23,10 @@ the tests check both paths give the same hidden states and the same greedy token
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +180,43 @@ def fused_weight(modules: list[nn.Module]) -> torch.Tensor:
     for base, weight in zip(bases, weights):
         base.weight = nn.Parameter(fused[start : start + weight.shape[0]], requires_grad=weight.requires_grad)
         start += weight.shape[0]
+    mapped = _file_mappings()
+    for weight in weights:
+        _drop_file_pages(weight, mapped)
     return fused
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory mappings (/proc/self/maps; [] elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _drop_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Give back the resident pages of a weight that was memory-mapped from its file (safetensors)
+    and has just been copied into a fused tensor: they would otherwise stay resident beside the
+    copy as long as the file stays mapped. Only file-backed memory is touched (a page dropped
+    there is read back from the file if anyone reads it again), and only whole pages."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or not any(a <= start and end <= b for a, b in mapped):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # Linux madvise advice: drop the pages (file-backed ones are read back from the file)
 
 
 def lora_group(modules: list[nn.Module]) -> LoraGroup | None:
