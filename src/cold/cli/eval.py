@@ -80,12 +80,10 @@ def eval_command(
       cold eval --task commonsenseqa --adapter runs/final --amateur-adapter runs/final/step-100 --decoders expert,cold@0.1/0.5,cold@0.1/0.5:amateur
     """
     from cold.evaluation import report
-    from cold.load.models import dtype_name, pick_dtype
+    from cold.load.models import pick_dtype
 
     specs = decoder_specs.parse_decoders(decoders)
-    # "auto" becomes the dtype it means here, so that the run records it (and resumes only in it)
-    dtype = dtype_name(pick_dtype(dtype, device))
-    check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
+    dtype = check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device)
     if kv_dtype is not None and pick_dtype(kv_dtype) == pick_dtype(dtype):
         kv_dtype = None  # the default, spelled out
     run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,

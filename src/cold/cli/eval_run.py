@@ -77,12 +77,15 @@ class Prepared:
     out: Path
 
 
-def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype) -> None:
+def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device) -> str:
+    """Check the options cold eval and cold tune share; returns the dtype's name, "auto" made the one
+    it means on `device`, so that the run records it (and resumes only in it)."""
+    from cold.load.models import dtype_name, pick_dtype  # torch-bound: not at `cold --help`
+
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit)
     if bootstrap < 100:
         raise ColdError(f"--bootstrap must be >= 100, got {bootstrap}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ColdError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return dtype_name(pick_dtype(dtype, device))
 
 
 def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,

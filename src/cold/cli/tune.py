@@ -74,11 +74,8 @@ def tune_command(
     Example: cold tune --task coin_flip --limit 100 --alphas 0.1 --betas 0.5,1,2 --scales 1.5
     """
     from cold.evaluation import tune
-    from cold.load.models import dtype_name, pick_dtype
 
-    # "auto" becomes the dtype it means here, so that the run records it and the cold eval command repeats it
-    dtype = dtype_name(pick_dtype(dtype, device))
-    check_common(max_new_tokens, batch_size, limit, bootstrap, dtype)
+    dtype = check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device)
     scorings = [s.strip() for s in scoring.split(",") if s.strip()]
     if not scorings or any(s not in tune.SCORINGS for s in scorings) or len(set(scorings)) != len(scorings):
         raise ColdError(f"--scoring must be logit, logprob or logit,logprob, got {scoring!r}")
