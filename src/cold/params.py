@@ -13,9 +13,10 @@ SCORING_FORMS = ("logit", "logprob")  # the only list of CoLD score forms (cold.
 
 
 class EngineName(str, Enum):
-    """What executes the decoding: this package's engine, or CoLD pairs inside vLLM (cold.vllm)."""
+    """What executes the decoding: this package's engine, llama.cpp (cold.llamacpp), or CoLD pairs inside vLLM (cold.vllm)."""
 
     cold = "cold"
+    llamacpp = "llamacpp"
     vllm = "vllm"
 
 

@@ -46,10 +46,16 @@ DECODERS = {
     "expert-peft": "LoRA unmerged, PEFT model, plain HF greedy loop (not run by default)",
     "expert-reference": "like expert, without the lean decode step: transformers' forward (not run by default)",
     "cold-reference": "like cold, without the lean decode step: transformers' forward (not run by default)",
+    "llamacpp": "llama.cpp greedy with the LoRA applied (the GGUF as a llama.cpp user runs it; not run by default)",
+    "llamacpp-base": "llama.cpp greedy, no LoRA (not run by default)",
+    "llamacpp-cold": "CoLD on llama.cpp: an expert context with the LoRA, an amateur context without, the lazy amateur "
+                     "(cold.llamacpp; not run by default)",
 }
+LLAMACPP_DECODERS = ("llamacpp", "llamacpp-base", "llamacpp-cold")  # cold.bench.llamacpp: need llama-cpp-python
 DEFAULT_DECODERS = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
-USES_LORA = {"expert", "expert-peft", "cold", "cold-naive", "cold-peft-mixed", "expert-reference", "cold-reference"}  # reads LoRA weights per step
-CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed", "cold-reference"}
+USES_LORA = {"expert", "expert-peft", "cold", "cold-naive", "cold-peft-mixed", "expert-reference", "cold-reference",
+             "llamacpp", "llamacpp-cold"}  # reads LoRA weights per step
+CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed", "cold-reference", "llamacpp-cold"}
 
 
 # ---- process-level helpers ---------------------------------------------------------------------
@@ -239,6 +245,10 @@ class HFRunner:
 
 
 def make_runner(spec: dict):
+    if spec["decoder"] in LLAMACPP_DECODERS:
+        from cold.bench import llamacpp
+
+        return llamacpp.make_runner(spec)
     return EngineRunner(spec) if spec["decoder"] in ENGINE_DECODERS else HFRunner(spec)
 
 
@@ -253,10 +263,10 @@ def decoder_cell(spec: dict) -> dict:
     new_tokens, repeats = spec["new_tokens"], spec["repeats"]
     reset_peak_memory(device)
     started = time.perf_counter()
-    runner = make_runner(spec)
+    runner = make_runner({**spec, "threads": threads})
     load_s = time.perf_counter() - started
     load_peak = peak_rss_mb()
-    clock = ForwardClock(runner.module, device)
+    clock = ForwardClock(runner.module, device) if runner.module is not None else None
     peak_reset = reset_peak_memory(device)  # the decode peak below starts from the loaded model
     prefill_ms, step_ms, body_ms = [], [], []
     with torch.inference_mode():
@@ -271,15 +281,16 @@ def decoder_cell(spec: dict) -> dict:
             _sync(device)
             prefill_ms.append((time.perf_counter() - t) * 1e3)
             for _ in range(new_tokens):
-                before, calls = clock.total, clock.calls
+                before, calls = (clock.total, clock.calls) if clock else (0.0, 0)
                 t = time.perf_counter()
                 runner.step()
                 _sync(device)
                 step_ms.append((time.perf_counter() - t) * 1e3)
-                body_ms.append((clock.total - before) * 1e3 if clock.calls > calls else None)
+                body_ms.append((clock.total - before) * 1e3 if clock and clock.calls > calls else None)
             tokens = runner.tokens
             runner.finish()
-    clock.remove()
+    if clock:
+        clock.remove()
     bodies = [f for f in body_ms if f is not None]
     return {
         "decoder": spec["decoder"],
@@ -443,27 +454,46 @@ def decode_refilling(engine, questions: list[str], params, batch_size: int) -> t
     return lengths, reasons, amateur, steps
 
 
+def _e2e_engine(spec: dict):
+    """(engine, decode params) of an end-to-end decoder; (GreedyE2E, None) for the plain llama.cpp loop."""
+    if spec["decoder"] in LLAMACPP_DECODERS:
+        from cold.bench import llamacpp
+
+        return llamacpp.e2e_engine(spec)
+    engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])],
+                    kv_dtype=spec.get("kv_dtype"), **cobatch_kwargs(spec.get("cobatch_steps")))
+    return engine, DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
+
+
 def e2e_cell(spec: dict) -> dict:
     """End to end on a group of problems: chat prompts, EOS honoured. Static batches (finished rows
     leave, as in `cold generate`) or, with `refill`, continuous batching; wall time after a short
     warm-up, generated lengths, and per problem the steps that needed the amateur (None but for CoLD)."""
     threads = set_threads(spec["threads"])
     device = torch.device(spec["device"])
-    engine = Engine(load_base(spec["model"], device=spec["device"], dtype=spec["dtype"]), [read_adapter(spec["adapter"])],
-                    kv_dtype=spec.get("kv_dtype"), **cobatch_kwargs(spec.get("cobatch_steps")))
-    params = DecodeParams(decoder=spec["decoder"], alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"])
-    questions = spec["questions"]
-    engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
-    prefill = _time_calls(engine.runner, "prefill", device)
+    questions, size = spec["questions"], spec["batch_size"]
+    engine, params = _e2e_engine({**spec, "threads": threads})
+    greedy = params is None  # the plain llama.cpp loop (cold.bench.llamacpp.GreedyE2E)
+    if greedy:
+        prompts = engine.encode(questions)
+        engine.generate(prompts[:2])  # warm-up
+    else:
+        engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
+    prefill = [] if greedy else _time_calls(engine.runner, "prefill", device)
     reset_peak_memory(device)
     _sync(device)
     started = time.perf_counter()
-    if spec.get("refill"):
-        lengths, reasons, amateur, steps = decode_refilling(engine, questions, params, spec["batch_size"])
+    if greedy:
+        lengths, reasons, amateur, steps = [], [], [None] * len(questions), 0
+        for start in range(0, len(questions), size):
+            batch_lengths, batch_reasons = engine.generate(prompts[start : start + size])
+            lengths, reasons, steps = lengths + batch_lengths, reasons + batch_reasons, steps + max(batch_lengths)
+    elif spec.get("refill"):
+        lengths, reasons, amateur, steps = decode_refilling(engine, questions, params, size)
     else:
         lengths, reasons, amateur, steps = [], [], [], 0
-        for start in range(0, len(questions), spec["batch_size"]):
-            generations = engine.generate(questions[start : start + spec["batch_size"]], params, chat=True)
+        for start in range(0, len(questions), size):
+            generations = engine.generate(questions[start : start + size], params, chat=True)
             lengths += [len(g.token_ids) for g in generations]
             reasons += [g.finish_reason for g in generations]
             amateur += [g.amateur_steps for g in generations]

@@ -20,6 +20,10 @@ STEP_RATIO_LIMITS = {1: 1.15, 16: 1.30}  # cold step / expert step, by batch siz
 MIN_SPEEDUP = 1.6  # cold vs cold-naive and vs cold-peft-mixed, every batch size
 MAX_MEMORY_RATIO = 1.1  # cold peak RSS / expert peak RSS
 MIN_FLOOR_FRACTION = 0.6  # cold at batch 1
+# Issue 19's goals against llama.cpp greedy with the LoRA ("llamacpp"): total tokens/s of the best CoLD
+# path in step mode, by batch size; tokens/s end to end at batch 1, by task.
+LLAMACPP_THROUGHPUT = {16: 1.3}
+LLAMACPP_E2E = {"coin_flip": 0.9, "gsm8k": 0.75}
 
 
 def kind(row: dict) -> str:
@@ -81,7 +85,9 @@ def summarize(cells: list[dict], info: dict, bandwidth_gbps: float) -> list[dict
     for r in rows:
         b = r["batch_size"]
         expert, naive = by_key.get(("expert", b)), by_key.get(("cold-naive", b))
+        greedy = by_key.get(("llamacpp", b))
         r["vs_expert"] = r["step_ms"] / expert["step_ms"] if expert else None
+        r["vs_llamacpp"] = r["step_ms"] / greedy["step_ms"] if greedy else None
         r["vs_cold_naive"] = r["step_ms"] / naive["step_ms"] if naive else None
         r["memory_vs_expert"] = r["peak_rss_mb"] / expert["peak_rss_mb"] if expert else None
         ref = REFERENCE.get(r["kind"])
@@ -127,7 +133,28 @@ def targets(rows: list[dict]) -> list[dict]:
     for cold in cold_at(1):
         add(f"{cold['decoder']} fraction of the bandwidth floor, batch 1", cold["floor_fraction"], f">= {MIN_FLOOR_FRACTION}",
             cold["floor_fraction"] >= MIN_FLOOR_FRACTION)
+    for b, limit in LLAMACPP_THROUGHPUT.items():
+        greedy = by_key.get(("llamacpp", b))
+        paths = [r for r in rows if kind(r) in COLD_KINDS and r["batch_size"] == b]
+        if greedy and paths:
+            best = max(paths, key=lambda r: r["tokens_per_s_total"])
+            ratio = best["tokens_per_s_total"] / greedy["tokens_per_s_total"]
+            add(f"best CoLD ({best['decoder']}) tokens/s / llamacpp greedy tokens/s, batch {b}", ratio, f">= {limit}", ratio >= limit)
     return found
+
+
+def e2e_targets(rows: list[dict], task: str, batch_size: int) -> list[dict]:
+    """Issue 19's end-to-end goal: the best CoLD path's tokens/s against llama.cpp greedy with the
+    LoRA, at batch 1 (coin flip >= 0.9x, GSM8K >= 0.75x); none unless both were measured."""
+    greedy = next((r for r in rows if r["decoder"] == "llamacpp"), None)
+    paths = [r for r in rows if kind(r) in COLD_KINDS]
+    limit = LLAMACPP_E2E.get(task)
+    if greedy is None or not paths or limit is None or batch_size != 1:
+        return []
+    best = max(paths, key=lambda r: r["tokens_per_s"])
+    ratio = best["tokens_per_s"] / greedy["tokens_per_s"]
+    return [{"target": f"best CoLD ({best['decoder']}, amateur {best['amateur_fraction'] or 0:.0%} of steps) tokens/s / "
+                       f"llamacpp tokens/s, {task}, batch 1", "value": ratio, "limit": f">= {limit}", "ok": ratio >= limit}]
 
 
 # ---- text ----------------------------------------------------------------------------------------
@@ -144,6 +171,7 @@ COLUMNS = [  # (header, key, format)
     ("peak MB", "peak_rss_mb", "{:.0f}"),
     ("vs expert", "vs_expert", "{:.2f}x"),
     ("vs naive", "vs_cold_naive", "{:.2f}x"),
+    ("vs llama.cpp", "vs_llamacpp", "{:.2f}x"),
     ("floor %", "floor_fraction", "{:.0%}"),
     ("same tokens", "agreement", "{:.0%}"),
 ]
@@ -166,20 +194,34 @@ def _kv(settings: dict) -> str:
     return f" (KV cache {settings['kv_dtype']})" if settings.get("kv_dtype") else ""
 
 
+POLICY_KINDS = ("cold", "llamacpp-cold")  # decoders measured once per lazy-amateur policy
+COLD_KINDS = ("cold", "llamacpp-cold")  # the CoLD paths whose best row the llama.cpp targets take
+
+
 def policy_lines(report: dict) -> list[str]:
-    """A line naming the lazy-amateur policy of each cold row (none without cold rows)."""
-    colds = list(dict.fromkeys((r["decoder"], r.get("cobatch_steps")) for r in report["rows"] if kind(r) == "cold"))
+    """A line naming the lazy-amateur policy of each CoLD row (none without CoLD rows)."""
+    colds = list(dict.fromkeys((kind(r), r.get("cobatch_steps")) for r in report["rows"] if kind(r) in POLICY_KINDS))
     if not colds:
         return []
-    shown = ", ".join("cold " + ("always" if p == "always" else f"K={p}") for _, p in colds)
+    name = {None: "the engine's default (ours K=16, llama.cpp's K=0)", "always": "always"}
+    shown = ", ".join(f"{k} " + name.get(p, f"K={p}") for k, p in colds)
     return [f"lazy amateur (--cobatch-steps): {shown}; K = steps an amateur stays co-batched with its expert after it "
             "was needed (0 = fully lazy), always = every step"]
+
+
+def llamacpp_lines(report: dict) -> list[str]:
+    """The llama.cpp build the llamacpp rows ran (none without them)."""
+    build = report["machine"].get("llamacpp")
+    if not build:
+        return []
+    return [f"llama.cpp: llama-cpp-python {build['version']}, {build['cpu_build']}; in use: {build['features']}; "
+            "its rows run the same GGUF (the model's own quantisation), our engine's the dequantised copy"]
 
 
 def header_lines(report: dict) -> list[str]:
     m, s, i, bw = report["machine"], report["settings"], report["info"], report["bandwidth"]
     lora = f"LoRA r={i['adapter_rank']} on {i['adapter_modules']} modules, {i['lora_bytes'] / 2**20:.1f} MiB" if i["adapter"] else "no adapter"
-    return policy_lines(report) + [
+    return policy_lines(report) + llamacpp_lines(report) + [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} ({i['architecture']}, {i['params'] / 1e6:.0f}M params, {s['dtype']}{_kv(s)}, "
@@ -204,13 +246,24 @@ def print_report(report: dict, console: Console) -> None:
         last = row["batch_size"]
         table.add_row(*[_cell(row, key, fmt) for _, key, fmt in COLUMNS])
     console.print(table)
-    if report["targets"]:
+    print_targets(report, console)
+
+
+def print_targets(report: dict, console: Console) -> None:
+    if report.get("targets"):
         t = Table(title="speed targets", header_style="bold")
         for name in ("target", "value", "limit", "ok"):
             t.add_column(name, justify="left" if name == "target" else "right")
         for goal in report["targets"]:
-            t.add_row(goal["target"], f"{goal['value']:.2f}", goal["limit"], "[green]yes" if goal["ok"] else "[red]no")
+            t.add_row(escape(goal["target"]), f"{goal['value']:.2f}", goal["limit"], "[green]yes" if goal["ok"] else "[red]no")
         console.print(t)
+
+
+def markdown_targets(report: dict) -> list[str]:
+    if not report.get("targets"):
+        return []
+    lines = ["", "| target | value | limit | met |", "|---|---|---|---|"]
+    return lines + [f"| {g['target']} | {g['value']:.2f} | {g['limit']} | {'yes' if g['ok'] else 'no'} |" for g in report["targets"]]
 
 
 def _markdown_table(report: dict, header: list[str], columns) -> list[str]:
@@ -224,11 +277,7 @@ def _markdown_table(report: dict, header: list[str], columns) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = _markdown_table(report, header_lines(report), COLUMNS)
-    if report["targets"]:
-        lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
-        for goal in report["targets"]:
-            lines.append(f"| {goal['target']} | {goal['value']:.2f} | {goal['limit']} | {'yes' if goal['ok'] else 'no'} |")
+    lines = _markdown_table(report, header_lines(report), COLUMNS) + markdown_targets(report)
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +338,7 @@ E2E_COLUMNS = [
     ("steps", "steps", "{}"),
     ("hit max %", "hit_max_fraction", "{:.0%}"),
     ("tok/s", "tokens_per_s", "{:.1f}"),
+    ("tok/s x llama.cpp", "tokens_per_s_vs_llamacpp", "{:.2f}x"),
     ("s/token x expert", "per_token_vs_expert", "{:.2f}x"),
     ("decode s/token x expert", "decode_per_token_vs_expert", "{:.2f}x"),
     ("wall x expert", "wall_vs_expert", "{:.2f}x"),
@@ -324,7 +374,9 @@ def summarize_e2e(cells: list[dict]) -> list[dict]:
             "decode_s": c["wall_s"] - c["prefill_s"] if c.get("prefill_s") is not None else None,
         })
     expert = next((r for r in rows if r["decoder"] == "expert"), None)
+    greedy = next((r for r in rows if r["decoder"] == "llamacpp"), None)
     for r in rows:
+        r["tokens_per_s_vs_llamacpp"] = r["tokens_per_s"] / greedy["tokens_per_s"] if greedy else None
         r["wall_vs_expert"] = r["wall_s"] / expert["wall_s"] if expert else None
         r["per_token_vs_expert"] = (r["wall_s"] / max(r["tokens"], 1)) / (expert["wall_s"] / max(expert["tokens"], 1)) if expert else None
         timed = expert and r["decode_s"] is not None and expert["decode_s"] is not None
@@ -360,7 +412,7 @@ def e2e_paired(rows: list[dict]) -> dict | None:
 
 def e2e_header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
-    return policy_lines(report) + [
+    return policy_lines(report) + llamacpp_lines(report) + [
         f"machine: {m['cpu']} ({m['cores']} cores), {m['memory_gb']:.0f} GB RAM, torch {m['torch']} on {s['device']}, "
         f"threads {m['threads']}, {_quiet(m)}",
         f"model: {s['model']} {s['dtype']}{_kv(s)}, adapter {report['info']['adapter']}",
@@ -394,13 +446,14 @@ def print_e2e(report: dict, console: Console) -> None:
     console.print(table)
     if report.get("paired"):
         console.print(_paired_sentence(report["paired"]))
+    print_targets(report, console)
 
 
 def markdown_e2e(report: dict) -> str:
     lines = _markdown_table(report, e2e_header_lines(report), E2E_COLUMNS)
     if report.get("paired"):
         lines += ["", _paired_sentence(report["paired"]) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + markdown_targets(report)) + "\n"
 
 
 def plot_e2e(report: dict, path) -> None:

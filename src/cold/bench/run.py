@@ -48,13 +48,15 @@ from cold.tasks.prompts import make_style
 # Kept here (not imported from cold.bench.cells) so that `cold --help` does not import torch;
 # tests check it matches bench_cells.DECODERS / DEFAULT_DECODERS.
 DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed", "expert-peft",
-                 "expert-reference", "cold-reference")
+                 "expert-reference", "cold-reference", "llamacpp", "llamacpp-base", "llamacpp-cold")
+LLAMACPP_DECODER_NAMES = ("llamacpp", "llamacpp-base", "llamacpp-cold")  # need the extra cold-decoding[llamacpp]
 DEFAULT_DECODER_NAMES = ("base", "expert", "expert-merged", "cold", "cold-naive", "cold-peft-mixed")
 
-E2E_DECODERS = ("expert", "cold")
+E2E_DECODERS = ("expert", "cold", *LLAMACPP_DECODER_NAMES)
+DEFAULT_E2E_DECODERS = ("expert", "cold")
 E2E_TASKS = tuple(tasks.TASKS)  # built-in tasks; each has a demo adapter of the default model
 DEFAULT_E2E_TASK = "gsm8k"
-POLICY_DECODERS = ("cold",)  # the decoders that --cobatch-steps runs once per lazy-amateur policy
+POLICY_DECODERS = ("cold", "llamacpp-cold")  # the decoders that --cobatch-steps runs once per lazy-amateur policy
 ALWAYS = "always"  # the --cobatch-steps policy that keeps every amateur co-batched (cold.sampling.amateur.ALWAYS)
 REFILL_GROUP = 4  # with --e2e-refill, each measuring process decodes 4 batches' worth of problems
 MIN_GROUP = 16  # and at least this many problems (static batches of 1: 16 of them), as a long CLI run would
@@ -112,7 +114,7 @@ def command_line(s: dict) -> str:
                   "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--seed", str(s["seed"])]
     parts += ["--new-tokens", str(s["new_tokens"]), "--decoders", ",".join(s["decoders"]),
               "--alpha", str(s["alpha"]), "--beta", str(s["beta"]), "--device", s["device"], "--dtype", s["dtype"]]
-    if any(d in POLICY_DECODERS for d in s["decoders"]):
+    if any(d in POLICY_DECODERS for d in s["decoders"]) and s["cobatch_steps"] != [None]:
         parts += ["--cobatch-steps", ",".join(map(str, s["cobatch_steps"]))]
     if s["kv_dtype"]:
         parts += ["--kv-dtype", s["kv_dtype"]]
@@ -121,7 +123,7 @@ def command_line(s: dict) -> str:
     return shlex.join(parts)
 
 
-def machine_info() -> dict:
+def machine_info(decoders=()) -> dict:
     import peft
     import torch
     import transformers
@@ -141,7 +143,14 @@ def machine_info() -> dict:
         "transformers": transformers.__version__, "peft": peft.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_start": list(os.getloadavg()),
+        "llamacpp": _llamacpp_build() if set(decoders) & set(LLAMACPP_DECODER_NAMES) else None,
     }
+
+
+def _llamacpp_build() -> dict:
+    from cold.llamacpp.library import build_info
+
+    return build_info()
 
 
 class LoadMeter:
@@ -208,8 +217,8 @@ def policy_runs(decoders: list[str], policies: list) -> list[dict]:
 
 
 def policy_name(policy) -> str:
-    """'K=4' for an integer policy, 'always' for ALWAYS."""
-    return ALWAYS if policy == ALWAYS else f"K={policy}"
+    """'K=4' for an integer policy, 'always' for ALWAYS, 'default' for the engine's (None)."""
+    return ALWAYS if policy == ALWAYS else "default" if policy is None else f"K={policy}"
 
 
 def _tagged(result: dict, run: dict) -> dict:
@@ -227,7 +236,7 @@ def run_bench(settings: dict, cells: Cells, progress=None) -> dict:
 
     s = settings
     common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "prompt_tokens", "new_tokens", "seed")}
-    machine = machine_info()
+    machine = machine_info(s["decoders"])
     meter = LoadMeter(cells)
     say = progress or (lambda text: None)
     say("reading the model, drawing prompts")
@@ -351,7 +360,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
 
     s = settings
     say = progress or (lambda text: None)
-    machine = machine_info()
+    machine = machine_info(s["decoders"])
     meter = LoadMeter(cells)
     questions = e2e_prompts(s["e2e_task"], Path(s["e2e_file"]), s["e2e"])
     common = {k: s[k] for k in ("model", "device", "dtype", "kv_dtype", "threads", "alpha", "beta", "new_tokens")}
@@ -401,6 +410,7 @@ def run_e2e(settings: dict, cells: Cells, progress=None) -> dict:
                   "interleaved (order flipped every group); wall_s sums the groups' decode times (after loading and a "
                   "short warm-up); prefill_s the part of it spent in ModelRunner.prefill",
         "rows": rows, "paired": bench_report.e2e_paired(rows),
+        "targets": bench_report.e2e_targets(rows, s["e2e_task"], s["e2e_batch_size"]),
     }
 
 

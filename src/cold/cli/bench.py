@@ -23,7 +23,7 @@ out = table_console(200, soft_wrap=True)  # wide tables in files
 def bench_command(
     model: EvalModel = "smollm2",
     adapter: Annotated[Optional[str], typer.Option(help="PEFT LoRA directory. Default: the model's demo adapter, else a random rank-8 LoRA on all linear layers.")] = None,
-    decoders: Annotated[Optional[str], typer.Option(help="Comma-separated: " + ", ".join(bench.DECODER_NAMES) + f". Default: {','.join(bench.DEFAULT_DECODER_NAMES)} (with --e2e: expert,cold).")] = None,
+    decoders: Annotated[Optional[str], typer.Option(help="Comma-separated: " + ", ".join(bench.DECODER_NAMES) + f". Default: {','.join(bench.DEFAULT_DECODER_NAMES)} (with --e2e: expert,cold). The llamacpp decoders need pip install 'cold-decoding[llamacpp]'.")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated numbers of prompts decoded together.")] = "1,4,16",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens (random ids, seeded).")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Decode steps per prompt (EOS ignored); with --e2e: max new tokens.")] = 128,
@@ -106,22 +106,24 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _decoder_list(text: str | None, e2e: bool) -> list[str]:
     if text is None:
-        return list(bench.E2E_DECODERS if e2e else bench.DEFAULT_DECODER_NAMES)
+        return list(bench.DEFAULT_E2E_DECODERS if e2e else bench.DEFAULT_DECODER_NAMES)
     names = list(dict.fromkeys(v for v in text.replace(" ", "").split(",") if v))
     allowed = bench.E2E_DECODERS if e2e else bench.DECODER_NAMES
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
         raise ColdError(f"--decoders: {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
+    if any(n in bench.LLAMACPP_DECODER_NAMES for n in names):
+        from cold.llamacpp.library import llama
+
+        llama()  # without llama-cpp-python: one error naming the extra, before anything is measured
     return names
 
 
 def _cobatch_list(text: str | None, decoders: list[str]) -> list[int | str]:
     """--cobatch-steps checked: distinct policies, integers >= 0 or "always", in the order given; by default
-    the engine's one. Refused when no decoder that takes a policy runs."""
-    from cold.runner.model_runner import DEFAULT_COBATCH_STEPS  # torch-bound: not at `cold --help`
-
+    [None], each engine's own. Refused when no decoder that takes a policy runs."""
     if text is None:
-        return [DEFAULT_COBATCH_STEPS]
+        return [None]  # each engine's own default (ours 16, llama.cpp's 0)
     policies: list[int | str] = []
     for item in (v for v in text.replace(" ", "").split(",") if v):
         if item.lower() == bench.ALWAYS:

@@ -69,18 +69,48 @@ def check_positive(**values) -> None:
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}."""
+    """`NAME=DIR` or `DIR` (named after the directory; a GGUF LoRA file after its stem) -> {name: dir}."""
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
-            name, path = Path(spec).name, spec
+            name, path = (Path(spec).stem if spec.endswith(".gguf") else Path(spec).name), spec
         if not name or not path:
             raise ColdError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
         if name in adapters:
             raise ColdError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
     return adapters
+
+
+LLAMACPP_HELP = ("llamacpp: the GGUF on llama.cpp, an expert context with the LoRA and an amateur context without "
+                 "(pip install 'cold-decoding[llamacpp]'; docs/llamacpp.md)")
+
+
+def check_llamacpp_options(device: str, dtype: str, kv_dtype: str | None) -> None:
+    """--engine llamacpp runs the GGUF on the CPU in its own quantisation: --device, --dtype and --kv-dtype do not apply."""
+    if device not in ("cpu", "auto"):
+        raise ColdError(f"--device {device}: --engine llamacpp runs on the CPU (llama-cpp-python's CPU build); leave --device out")
+    if dtype != "auto":
+        raise ColdError(f"--dtype {dtype}: --engine llamacpp computes in the GGUF's own quantisation; leave --dtype out")
+    if kv_dtype is not None:
+        raise ColdError("--kv-dtype applies to --engine cold; llama.cpp keeps its KV cache in float16")
+
+
+def load_engine(engine_name, model: str, adapters: dict[str, str], device: str, dtype: str, kv_dtype: str | None,
+                what: str | None = None):
+    """Our `Engine` or, for --engine llamacpp, `LlamaCppEngine`, loaded under a status line."""
+    what = what or (f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else ""))
+    if engine_name == "llamacpp":
+        check_llamacpp_options(device, dtype, kv_dtype)
+        from cold.llamacpp import LlamaCppEngine
+
+        with err.status(f"{what} on llama.cpp …"):
+            return LlamaCppEngine.load(model, adapters)
+    from cold.decoding.engine import Engine
+
+    with err.status(f"{what} …"):
+        return Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
 
 
 def refuse_kv_dtype_on_vllm(kv_dtype: str | None) -> None:

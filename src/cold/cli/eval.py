@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cold.cli.common import Device, Dtype, EvalModel, KvDtype, err, reports_errors
+from cold.cli.common import LLAMACPP_HELP, Device, Dtype, EvalModel, KvDtype, err, reports_errors
 from cold.cli.eval_run import (
     AmateurAdapter,
     AmateurScale,
@@ -30,7 +30,9 @@ from cold.cli.eval_run import (
     shown,
     stdout,
 )
+from cold.errors import ColdError
 from cold.evaluation import decoders as decoder_specs
+from cold.params import EngineName
 from cold.tasks import readers as tasks
 
 
@@ -62,6 +64,7 @@ def eval_command(
     kv_dtype: KvDtype = None,
     amateur_adapter: AmateurAdapter = None,
     amateur_scale: AmateurScale = 1.0,
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; " + LLAMACPP_HELP + ".")] = EngineName.cold,
 ) -> None:
     """Run a task under several decoders on the same problems; report accuracy side by side.
 
@@ -83,17 +86,20 @@ def eval_command(
     from cold.load.models import pick_dtype
 
     specs = decoder_specs.parse_decoders(decoders)
-    dtype = check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device)
+    if engine_name is EngineName.vllm:
+        raise ColdError("cold eval runs --engine cold or llamacpp; for vLLM see docs/vllm.md")
+    dtype = check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device, engine_name.value, kv_dtype)
     if kv_dtype is not None and pick_dtype(kv_dtype) == pick_dtype(dtype):
         kv_dtype = None  # the default, spelled out
     run = prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
                   out_dir, question_field, answer_field, answer_type, choices_field, dtype, kv_dtype=kv_dtype,
-                  amateur=amateur_adapter, amateur_scale=amateur_scale)
-    results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype)
+                  amateur=amateur_adapter, amateur_scale=amateur_scale, engine=engine_name.value)
+    results = generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype, engine_name.value)
 
     command = _command(task, data, split, decoders, model, adapter, prompt.value, shots, instruction, max_new_tokens,
                        limit, seed, batch_size, run.out, headline.value, question_field, answer_field, answer_type.value,
-                       choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype, amateur_adapter, amateur_scale)
+                       choices_field, device, dtype, run.task.name == tasks.GENERIC, kv_dtype, amateur_adapter, amateur_scale,
+                       engine_name.value)
     info = {**run.settings, "data": shown(run.path), "adapter": shown(run.adapter) if run.adapter else None,
             **({"amateur_adapter": shown(run.amateur)} if run.amateur else {}),
             "selection": run.sample, "device": device, "batch_size": batch_size, "command": command,
@@ -106,7 +112,7 @@ def eval_command(
 
 def _command(task, data, split, decoders, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
              batch_size, out, headline, question_field, answer_field, answer_type, choices_field, device, dtype, generic, kv_dtype=None,
-             amateur_adapter=None, amateur_scale=1.0) -> str:
+             amateur_adapter=None, amateur_scale=1.0, engine="cold") -> str:
     """The command line that reproduces this run (defaults left out)."""
     args = ["cold", "eval", "--task", task]
     optional = [
@@ -116,7 +122,8 @@ def _command(task, data, split, decoders, model, adapter, prompt, shots, instruc
         ("--max-new-tokens", None if max_new_tokens == 256 else max_new_tokens), ("--limit", limit),
         ("--seed", seed if limit is not None else None), ("--batch-size", None if batch_size == 16 else batch_size),
         ("--out", out), ("--headline", None if headline == "flexible" else headline),
-        ("--device", None if device == "cpu" else device), ("--dtype", None if dtype == "float32" else dtype),
+        ("--engine", None if engine == "cold" else engine),
+        ("--device", None if device == "cpu" else device), ("--dtype", None if dtype in ("float32", "gguf") else dtype),
         ("--kv-dtype", kv_dtype), ("--amateur-adapter", amateur_adapter),
         ("--amateur-scale", amateur_scale if amateur_adapter and amateur_scale != 1 else None),
     ]

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cold.cli.common import check_positive, err, exits_on, table_console
+from cold.cli.common import check_llamacpp_options, check_positive, err, exits_on, load_engine, table_console
 from cold.errors import ColdError
 from cold.evaluation import runner
 from cold.load.demo import demo_adapter_dir
@@ -77,20 +77,24 @@ class Prepared:
     out: Path
 
 
-def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device) -> str:
+def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device, engine: str = "cold", kv_dtype=None) -> str:
     """Check the options cold eval and cold tune share; returns the dtype's name, "auto" made the one
-    it means on `device`, so that the run records it (and resumes only in it)."""
+    it means on `device`, so that the run records it (and resumes only in it); "gguf" on llama.cpp,
+    which computes in the GGUF's own quantisation."""
     from cold.load.models import dtype_name, pick_dtype  # torch-bound: not at `cold --help`
 
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit)
     if bootstrap < 100:
         raise ColdError(f"--bootstrap must be >= 100, got {bootstrap}")
+    if engine == "llamacpp":
+        check_llamacpp_options(device, dtype, kv_dtype)
+        return "gguf"
     return dtype_name(pick_dtype(dtype, device))
 
 
 def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction, max_new_tokens, limit, seed,
             out_dir, question_field, answer_field, answer_type, choices_field, dtype, default_split=None,
-            out_prefix="", kv_dtype=None, amateur=None, amateur_scale=1.0) -> Prepared:
+            out_prefix="", kv_dtype=None, amateur=None, amateur_scale=1.0, engine="cold") -> Prepared:
     """Read the task, pick the problems, build the prompt style, find the adapter, open the run directory."""
     the_task = tasks.get_task(task, question_field, answer_field, answer_type.value, choices_field)
     if the_task.name == tasks.GENERIC:
@@ -122,6 +126,7 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
         "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
         "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
         **({"kv_dtype": kv_dtype} if kv_dtype else {}),  # absent by default: older run directories still resume
+        **({"engine": engine} if engine != "cold" else {}),  # likewise
         **({"amateur_adapter": str(amateur), "amateur_adapter_sha1": runner.fingerprint(amateur),
             "amateur_scale": amateur_scale} if amateur else {}),
     }
@@ -136,9 +141,10 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
     return Prepared(the_task, split_name, path, chosen, style, adapter_path, amateur, amateur_scale, settings, sample, out)
 
 
-def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None) -> dict[str, list[dict]]:
+def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None,
+                 engine_name: str = "cold") -> dict[str, list[dict]]:
     """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
-    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype, run.amateur, run.amateur_scale)
+    engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype, run.amateur, run.amateur_scale, engine_name)
     err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
     with _progress() as progress:
         results, generated = runner.run_decoders(
@@ -199,8 +205,9 @@ class _LazyEngine:
     """
 
     def __init__(self, model: str, adapter: Optional[Path], device: str, dtype: str, kv_dtype: Optional[str] = None,
-                 amateur: Optional[Path] = None, amateur_scale: float = 1.0):
+                 amateur: Optional[Path] = None, amateur_scale: float = 1.0, engine_name: str = "cold"):
         self.args = model, adapter, device, dtype, kv_dtype
+        self.engine_name = engine_name
         self.amateur, self.amateur_scale = amateur, amateur_scale
         self.engine = None
 
@@ -213,16 +220,15 @@ class _LazyEngine:
 
     def load(self):
         if self.engine is None:
-            from cold.decoding.engine import Engine
-
             model, adapter, device, dtype, kv_dtype = self.args
             adapters = {adapter.name: str(adapter)} if adapter else {}
             if self.amateur is not None:
                 adapters = {"expert": str(adapter), "amateur": str(self.amateur)}
-            with err.status(f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "")
-                            + (f" and amateur adapter {self.amateur.name}" if self.amateur else "") + " …"):
-                self.engine = Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
-                self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
+            what = (f"Loading {model}" + (f" with adapter {adapter.name}" if adapter else "")
+                    + (f" and amateur adapter {self.amateur.name}" if self.amateur else ""))
+            self.engine = load_engine(self.engine_name, model, adapters, device, "auto" if dtype == "gguf" else dtype,
+                                      kv_dtype, what)
+            self.engine.generate(["Hello"], decoder="base", max_new_tokens=2)  # warm-up, outside any timing
         return self.engine
 
 

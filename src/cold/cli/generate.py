@@ -15,12 +15,14 @@ import typer
 from rich.progress import Progress
 
 from cold.cli.common import (
+    LLAMACPP_HELP,
     Device,
     Dtype,
     KvDtype,
     Model,
     check_positive,
     err,
+    load_engine,
     out,
     parse_adapter_specs,
     refuse_kv_dtype_on_vllm,
@@ -98,7 +100,7 @@ def generate(
     device: Device = "cpu",
     dtype: Dtype = "auto",
     kv_dtype: KvDtype = None,
-    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine; " + LLAMACPP_HELP + "; vllm: CoLD pairs inside vLLM (pip install 'cold-decoding[vllm]'; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Complete prompts with CoLD, the adapted model alone, or the base model alone.
 
@@ -138,18 +140,11 @@ def generate(
         finally:
             generator.close()
         return
-    engine = _load_engine(model, adapters, device, dtype, kv_dtype)
+    engine = load_engine(engine_name.value, model, adapters, device, dtype, kv_dtype)
     if stream:
         _print_streams(engine, texts, params, chat, as_json)
     else:
         _print_batches(engine, texts, params, chat, as_json, batch_size)
-
-
-def _load_engine(model: str, adapters: dict[str, str], device: str, dtype: str, kv_dtype: str | None):
-    from cold.decoding.engine import Engine
-
-    with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " …"):
-        return Engine.load(model, adapters, device=device, dtype=dtype, kv_dtype=kv_dtype)
 
 
 def _print_batches(engine, texts, params, chat, as_json, batch_size) -> None:

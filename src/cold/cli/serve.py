@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from cold.cli.common import Dtype, check_positive, err, parse_adapter_specs, refuse_kv_dtype_on_vllm, reports_errors
+from cold.cli.common import (
+    LLAMACPP_HELP,
+    Dtype,
+    check_llamacpp_options,
+    check_positive,
+    err,
+    parse_adapter_specs,
+    refuse_kv_dtype_on_vllm,
+    reports_errors,
+)
 from cold.params import EngineName
 
 
@@ -29,7 +38,7 @@ def serve(
     dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); " + LLAMACPP_HELP + ", the same features; vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Serve CoLD over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
 
@@ -63,6 +72,15 @@ def serve(
 
         refuse_kv_dtype_on_vllm(kv_dtype)
         backend = VllmBackend.load(model, adapters, dtype=dtype)
+    elif engine_name is EngineName.llamacpp:
+        from cold.llamacpp import LlamaCppEngine
+        from cold.serve.engine_backend import EngineBackend
+
+        check_llamacpp_options(device, dtype, kv_dtype)
+        with err.status(f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "") + " on llama.cpp …"):
+            # KV cells for max_batch sequences of max_tokens new tokens after a prompt of up to 512
+            engine = LlamaCppEngine.load(model, adapters, context_tokens=max_batch * (max_tokens + 512))
+        backend = EngineBackend(engine, name="llamacpp")
     else:
         from cold.decoding.engine import Engine
         from cold.serve.engine_backend import EngineBackend
@@ -78,7 +96,7 @@ def serve(
         app = create_app(backend, config)
         ids = ", ".join([config.model_name, *backend.adapter_names])
         err.print(f"Serving model ids {ids} on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
-                  + (" (vLLM engine)" if engine_name is EngineName.vllm else ""))
+                  + {EngineName.vllm: " (vLLM engine)", EngineName.llamacpp: " (llama.cpp engine)"}.get(engine_name, ""))
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:
         backend.close()

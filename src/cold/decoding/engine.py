@@ -83,6 +83,14 @@ class Engine:
         return self.runner.pad_id
 
     @property
+    def context_length(self) -> int:
+        return self.runner.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
     def lean(self):
         return self.runner.lean
 
@@ -131,7 +139,7 @@ class Engine:
         """A checked request: parameters validated, prompt encoded and sized, adapters resolved."""
         params.validate()
         text, ids = self.encode(prompt, chat)
-        check_fits(len(ids), params.max_new_tokens, self.base.context_length)
+        check_fits(len(ids), params.max_new_tokens, self.context_length)
         request = Request(prompt=text, prompt_ids=ids, params=params)
         if params.decoder != "base":
             request.expert_adapter = self.adapter_index(params.adapter, params.decoder)

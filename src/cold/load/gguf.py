@@ -127,27 +127,40 @@ def converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
 
 
 def convert_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Dequantise a GGUF file once into a Hugging Face directory in `dtype` in the cache; return it.
-
-    The directory is written under a temporary name and renamed when complete, so a crash or a
-    concurrent conversion never leaves a half-written copy where a later load would read it.
-    """
+    """Dequantise a GGUF file once into a Hugging Face directory in `dtype` in the cache; return it."""
     if dtype not in CONVERTED_DTYPES:
         raise ColdError(f"a GGUF converts to float32, bfloat16 or float16, not {dtype}")
-    target = converted_dir(gguf, dtype)
+
+    def write(directory: Path) -> None:
+        config = _write_metadata(gguf, directory, dtype)
+        try:
+            write_gguf_weights(gguf, config, directory, dtype)
+        except ColdError as exc:
+            raise ColdError(f"cannot convert GGUF file {gguf}: {exc}") from exc
+        except Exception as exc:  # an unsupported architecture or quantisation type
+            raise ColdError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+
+    return _build_once(converted_dir(gguf, dtype), gguf, write)
+
+
+def gguf_metadata(gguf: Path) -> Path:
+    """A directory with a GGUF's config.json, generation_config.json and tokenizer, without its
+    weights (written once into the cache): what an engine that runs the GGUF itself (llama.cpp) needs."""
+    target = cache_dir() / "gguf-metadata" / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
+    return _build_once(target, gguf, lambda directory: _write_metadata(gguf, directory, torch.float32))
+
+
+def _build_once(target: Path, gguf: Path, write) -> Path:
+    """`target`, written by `write(directory)` unless complete already. The directory is written
+    under a temporary name and renamed when complete, so a crash or a concurrent conversion never
+    leaves a half-written copy where a later load would read it."""
     if (target / "complete").is_file():
         return target
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        config = _write_metadata(gguf, partial, dtype)
-        try:
-            write_gguf_weights(gguf, config, partial, dtype)
-        except ColdError as exc:
-            raise ColdError(f"cannot convert GGUF file {gguf}: {exc}") from exc
-        except Exception as exc:  # an unsupported architecture or quantisation type
-            raise ColdError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+        write(partial)
         (partial / "complete").write_text(str(gguf) + "\n")
         _publish(partial, target)
     finally:

@@ -61,6 +61,24 @@ def resolve_model_dir(source: str, dtype: str | torch.dtype | None = None) -> Pa
     raise ColdError(f"model {source!r} is not a built-in name ({known}), a directory or a .gguf file")
 
 
+def resolve_gguf(source: str) -> Path:
+    """The GGUF file of a model argument, for an engine that runs GGUF files itself (llama.cpp):
+    a built-in name, a `.gguf` file, or a directory holding exactly one."""
+    if source in BUILTIN_MODELS:
+        return builtin_gguf(source)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise ColdError(f"model directory {path} does not hold exactly one .gguf file; the llama.cpp engine runs GGUF "
+                        "files (convert a Hugging Face model with llama.cpp's convert_hf_to_gguf.py)")
+    known = ", ".join(sorted(BUILTIN_MODELS))
+    raise ColdError(f"model {source!r} is not a built-in name ({known}) or a .gguf file")
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
     """A torch device; None or "auto" is CUDA where available, else the CPU."""
     if device in (None, "auto"):
@@ -145,8 +163,13 @@ def load_base(source: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: st
 
 def eos_ids(model, tokenizer) -> set[int]:
     """Every token id the model's configs or tokenizer name as end-of-sequence."""
+    return eos_ids_of(getattr(model, "generation_config", None), model.config, tokenizer)
+
+
+def eos_ids_of(generation_config, config, tokenizer) -> set[int]:
+    """Every token id a generation config, a model config or a tokenizer names as end-of-sequence."""
     ids = set()
-    for source in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
+    for source in (getattr(generation_config, "eos_token_id", None), config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):

@@ -79,6 +79,11 @@ class ModelRunner:
     def context_length(self) -> int:
         return self.base.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: those the tokenizer and the embedding both know."""
+        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
     def set_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
         """Install exactly these adapters, stack index = position (validated first; on error nothing changes)."""
         if adapters:
@@ -356,14 +361,7 @@ class ModelRunner:
             amateur = self._softcap((amateur_hidden @ head.weight[columns].T).float())  # [C, K]
             part = scoring.contrastive_scores(own, amateur, None, beta, "logit", valid[:, columns])
             return torch.full_like(expert, scoring.NEG_INF).index_copy_(1, columns, part)
-        amateur = self.logits(amateur_hidden, amateur_layout)
-        if len(set(forms)) == 1:
-            return scoring.contrastive_scores(expert, amateur, None, beta, forms[0], valid)
-        out = torch.empty_like(expert)
-        for form in set(forms):
-            idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=expert.device)
-            out[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], None, beta[idx], form, valid[idx])
-        return out
+        return scoring.contrastive_scores_by_form(expert, self.logits(amateur_hidden, amateur_layout), beta, forms, valid)
 
 
 def _plain_head(model) -> bool:

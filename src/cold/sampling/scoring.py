@@ -55,6 +55,20 @@ def contrastive_scores(
     return score.masked_fill(~valid, NEG_INF)
 
 
+def contrastive_scores_by_form(
+    expert: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor, forms: list[str], valid: torch.Tensor,
+) -> torch.Tensor:
+    """[S, V] CoLD scores of sequences that each name their score form (`forms` [S]), given their
+    plausibility mask `valid` [S, V]."""
+    if len(set(forms)) == 1:
+        return contrastive_scores(expert, amateur, None, beta, forms[0], valid)
+    out = torch.empty_like(expert)
+    for form in set(forms):
+        idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=expert.device)
+        out[idx] = contrastive_scores(expert[idx], amateur[idx], None, beta[idx], form, valid[idx])
+    return out
+
+
 def apply_temperature(score: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     return score / temperature.to(score.dtype)[:, None]
 

@@ -15,10 +15,10 @@ from cold.serve.scheduler import Scheduler
 class EngineBackend(Backend):
     name = "cold"
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, name: str = "cold"):
+        self.engine, self.name = engine, name  # name: "cold" or "llamacpp", /health's "engine"
         self.tokenizer = engine.tokenizer
-        self.vocab_size = min(len(engine.tokenizer), engine.model.get_input_embeddings().num_embeddings)
+        self.vocab_size = engine.vocab_size
 
     @property
     def adapter_names(self) -> list[str]:
@@ -26,13 +26,18 @@ class EngineBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return self.engine.base.context_length
+        return self.engine.context_length
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)[1]
 
     def make_request(self, prompt_ids: list[int], params):
         return self.engine.make_request(prompt_ids, params)
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def worker(self, max_batch: int, max_queue: int, metrics: Metrics) -> Scheduler:
         return Scheduler(self.engine, max_batch=max_batch, max_queue=max_queue, metrics=metrics)

@@ -18,6 +18,7 @@ import logging
 import time
 
 from cold.decoding.running import RunningBatch
+from cold.errors import ColdError
 from cold.serve.backend import DecodeThread, Job, JobFailed, QueueFull, deliver
 from cold.serve.metrics import Metrics
 
@@ -69,6 +70,9 @@ class Scheduler(DecodeThread):
                 for job in [*self._live.values(), *joining]:
                     self._fail(job, f"internal error while decoding: {type(exc).__name__}: {exc}")
                 self._live.clear()
+                reset = getattr(self.engine.runner, "reset", None)
+                if reset is not None:  # a runner whose sequences live outside the batch state (llama.cpp)
+                    reset()
                 batch = RunningBatch(self.engine.runner)
             self._running = len(self._live)
             self.metrics.running.set(self._running)
@@ -92,7 +96,13 @@ class Scheduler(DecodeThread):
         if not jobs:
             return
         start = time.perf_counter()
-        batch.join([j.request for j in jobs], [j.key for j in jobs])
+        try:
+            batch.join([j.request for j in jobs], [j.key for j in jobs])
+        except ColdError as exc:  # these requests cannot run now (llama.cpp's KV cells are full): the batch is unchanged
+            log.warning("could not start %d request(s): %s", len(jobs), exc)
+            for job in jobs:
+                self._fail(job, str(exc), 503, "capacity")
+            return
         self.metrics.prefill_seconds.observe(time.perf_counter() - start)
         for job in jobs:
             self._live[job.key] = job
