@@ -15,11 +15,12 @@ CORE = ["errors", "params", "types", "load", "lora", "sampling", "runner", "deco
 FRONT_ENDS = {
     "tasks": set(),
     "vllm": set(),
+    "llamacpp": set(),
     "evaluation": {"tasks"},
     "training": {"tasks"},
-    "bench": {"tasks"},
+    "bench": {"tasks", "llamacpp"},
     "serve": {"vllm"},
-    "cli": {"tasks", "vllm", "evaluation", "training", "bench", "serve"},
+    "cli": {"tasks", "vllm", "llamacpp", "evaluation", "training", "bench", "serve"},
 }
 
 

@@ -30,7 +30,7 @@ from cold.errors import ColdError
 from cold.load.adapters import read_adapter
 from cold.load.models import load_base
 from cold.params import DecodeParams
-from cold.sampling.amateur import ALWAYS
+from cold.bench.policies import cobatch_kwargs
 
 ENGINE_DECODERS = ("base", "expert", "cold", "expert-reference", "cold-reference")
 REFERENCE_SUFFIX = "-reference"  # our engine without the lean decode step (cold.runner.llama_step)
@@ -59,13 +59,6 @@ CONTRASTIVE = {"cold", "cold-naive", "cold-peft-mixed", "cold-reference", "llama
 
 
 # ---- process-level helpers ---------------------------------------------------------------------
-
-
-def cobatch_kwargs(policy) -> dict:
-    """`Engine`'s keyword for a --cobatch-steps policy (an integer or "always"); {} for None: the engine's default."""
-    if policy is None:
-        return {}
-    return {"cobatch_steps": ALWAYS if policy == "always" else int(policy)}
 
 
 def set_threads(threads: int | None) -> int:

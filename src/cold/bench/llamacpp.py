@@ -12,7 +12,7 @@ plain loop end to end (EOS honoured, finished sequences leave, static batches).
 
 from __future__ import annotations
 
-from cold.bench.cells import cobatch_kwargs
+from cold.bench.policies import cobatch_kwargs
 from cold.decoding.running import RunningBatch
 from cold.llamacpp.engine import LlamaCppEngine
 from cold.llamacpp.lora import adapter_gguf
