@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from cold.bench.policies import cobatch_kwargs
 from cold.decoding.engine import Engine
 from cold.decoding.running import RunningBatch
 from cold.errors import ColdError
 from cold.load.adapters import read_adapter
 from cold.load.models import load_base
 from cold.params import DecodeParams
-from cold.bench.policies import cobatch_kwargs
 
 ENGINE_DECODERS = ("base", "expert", "cold", "expert-reference", "cold-reference")
 REFERENCE_SUFFIX = "-reference"  # our engine without the lean decode step (cold.runner.llama_step)

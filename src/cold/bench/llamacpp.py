@@ -108,7 +108,9 @@ def e2e_engine(spec: dict):
 
 class GreedyE2E:
     """The plain llama.cpp greedy loop end to end: static batches, a sequence leaves at EOS or after
-    `max_new` tokens, the others go on. Chat prompts are encoded as our engine encodes them."""
+    `max_new` tokens, the others go on. Chat prompts are encoded as our engine encodes them; a
+    prompt's prefix shared with the previous one is reused, as llama-cpp-python and llama.cpp's
+    server do (`cold.llamacpp.runner.Context`)."""
 
     def __init__(self, engine: LlamaCppEngine, adapted: bool, max_new: int):
         self.engine, self.max_new = engine, max_new
@@ -139,5 +141,6 @@ class GreedyE2E:
             live = [s for s, _ in going]
             for s in live:
                 positions[s] += 1
-        self.context.clear()
+        for slot in slots:  # the context keeps the last prompt's cells for the next prompts to share
+            self.context.release(slot)
         return lengths, reasons

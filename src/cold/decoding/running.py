@@ -109,6 +109,9 @@ def decode(runner: ModelRunner, requests: list[Request]) -> Iterator[StreamEvent
     """Decode requests together until every one has finished (events keyed by request index)."""
     batch = RunningBatch(runner)
     batch.join(requests, list(range(len(requests))))
-    while batch:
-        for _, event in batch.step():
-            yield event
+    try:
+        while batch:
+            for _, event in batch.step():
+                yield event
+    finally:  # also when the caller stops early: the runner frees what the sequences held (llama.cpp's slots)
+        batch.drop(list(batch.keys))

@@ -34,10 +34,11 @@ from cold.errors import ColdError
 from cold.llamacpp.library import llama
 from cold.runner.rows import RowLayout, RowSpec
 from cold.sampling import scoring
-from cold.sampling.amateur import AmateurLag, NeedShare
+from cold.sampling.amateur import AmateurLag
 from cold.sampling.sampler import Sampler
 
 DEFAULT_CONTEXT_TOKENS = 8192  # KV cells of each llama.cpp context, shared by its sequences
+MIN_CONTEXT_TOKENS = 512  # llama.cpp aborts on a context with fewer cells than sequences (n_seq_max)
 DEFAULT_SEQUENCES = 64  # llama.cpp sequences per context (rows of one LoRA setting; beams count twice)
 BATCH_TOKENS = 2048  # tokens per llama_decode call (more: in several calls)
 DEFAULT_COBATCH_STEPS = 0  # fully lazy: see the module docstring
@@ -83,11 +84,17 @@ class LlamaCppModel:
 
 
 class Context:
-    """One llama.cpp context: its KV cells hold the sequences ("slots") of rows of one LoRA setting."""
+    """One llama.cpp context: its KV cells hold the sequences ("slots") of rows of one LoRA setting.
+
+    No prefix is shared between prompts: copying a kept prompt's cells into a new sequence
+    (llama_memory_seq_cp) gave later steps logits 0.6-0.8 off those of decoding it afresh in this
+    llama.cpp (tests/test_llamacpp.py checks that a prompt decodes alike whatever came before).
+    """
 
     def __init__(self, model: LlamaCppModel, lora, scale: float, tokens: int, sequences: int, threads: int):
         L = llama()
         params = L.llama_context_default_params()
+        tokens = max(tokens, MIN_CONTEXT_TOKENS)
         params.n_ctx, params.n_seq_max = tokens, sequences
         params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_threads = params.n_threads_batch = threads
@@ -115,7 +122,8 @@ class Context:
                             "(fewer prompts or beams at once)")
         if sum(self.reserved.values()) + cells > self.tokens:
             raise ColdError(f"a llama.cpp context holds {self.tokens} tokens and this batch needs more: decode fewer "
-                            "prompts at once, or give the engine more (context_tokens=..., --llamacpp-context)")
+                            "prompts at once, or give the engine more (LlamaCppEngine.load(context_tokens=...); "
+                            "cold serve sizes them from --max-batch and --max-tokens)")
         slot = self.free.pop()
         self.reserved[slot] = cells
         return slot
@@ -184,6 +192,7 @@ class LlamaState:
     logits: torch.Tensor  # [R, V] float32
     amateur: AmateurLag
     reserve: int  # KV cells each sequence may come to hold
+    new_tokens: int  # of which new tokens (a beam's copy shares its source's prompt cells)
     sliding = False  # llama.cpp keeps sliding-window caches per sequence: batches merge freely
     cache = None
 
@@ -202,7 +211,7 @@ class LlamaCppRunner:
                 raise ColdError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-        self.cobatch_steps, self.need_share = cobatch_steps, NeedShare()
+        self.cobatch_steps = cobatch_steps
         self.threads = threads or torch.get_num_threads()
         self.context_tokens, self.sequences = context_tokens, min(sequences, 256)
         self.device = torch.device("cpu")
@@ -253,27 +262,36 @@ class LlamaCppRunner:
         self.close_contexts()
         self.context_tokens = context_tokens
 
-    def context(self, key: ContextKey) -> Context:
-        if key not in self.contexts:
+    def context(self, key: ContextKey, cells: int = 0) -> Context:
+        """The context of a LoRA setting, made on first use with `context_tokens` KV cells, or as many
+        as `cells` (rounded up to a power of two) where that is more: an idle context (no sequences)
+        too small for `cells` is made again, bigger, so a static batch always fits."""
+        context = self.contexts.get(key)
+        if context is not None and not context.reserved and context.tokens < cells:
+            context.close()
+            context = None
+        if context is None:
             adapter, scale = key
             lora = None if adapter < 0 else self.model.lora(self.adapters[adapter].gguf)
-            self.contexts[key] = Context(self.model, lora, scale, self.context_tokens, self.sequences, self.threads)
-        return self.contexts[key]
+            size = max(self.context_tokens, 1 << max(cells - 1, 0).bit_length())
+            context = self.contexts[key] = Context(self.model, lora, scale, size, self.sequences, self.threads)
+        return context
 
     # ---- the batch state ----------------------------------------------------------------------
 
     def prefill(self, prompts: Sequence[Sequence[int]], layout: RowLayout, max_new_tokens: int,
                 amateur_prompts: bool | None = None) -> LlamaState:
-        """Decode every row's prompt (`prompts[seq]` for each row's sequence), except the amateur rows
-        the policy leaves lagging with their prompt pending (`NeedShare`; beam search: `amateur_prompts=True`)."""
+        """Decode every row's prompt (`prompts[seq]` for each row's sequence), except the amateur rows,
+        which lag with their prompt pending unless `amateur_prompts` (beam search) or the policy is
+        ALWAYS: a prompt is compute-bound, so decoding it now costs what a catch-up costs later, and
+        nothing for an amateur that is never needed."""
         contrastive = (layout.amateur_row != layout.expert_row).tolist()
-        if amateur_prompts is None:
-            amateur_prompts = self.need_share.prefill(self.cobatch_steps)
-        lag = AmateurLag.start(prompts, contrastive, self.cobatch_steps, amateur_prompts)
+        lag = AmateurLag.start(prompts, contrastive, self.cobatch_steps, bool(amateur_prompts))
         reserve = max(len(p) for p in prompts) + max_new_tokens
         keys = [_key(row) for row in layout.rows]
         slots = self._take(keys, reserve)
-        state = LlamaState(layout, keys, slots, [0] * len(keys), torch.zeros(len(keys), self.model.vocab_size), lag, reserve)
+        state = LlamaState(layout, keys, slots, [0] * len(keys), torch.zeros(len(keys), self.model.vocab_size), lag, reserve,
+                           max_new_tokens)
         work = [(r, prompts[row.seq]) for r, row in enumerate(layout.rows) if row.role == "expert" or lag.started[row.seq]]
         try:
             self._decode(state, work)
@@ -323,27 +341,35 @@ class LlamaCppRunner:
         return LlamaState(
             RowLayout.build(rows, offset + len(other.layout.expert_row), self.device), state.keys + other.keys,
             state.slots + other.slots, state.positions + other.positions, torch.cat([state.logits, other.logits]),
-            state.amateur.merged(other.amateur), max(state.reserve, other.reserve),
+            state.amateur.merged(other.amateur), max(state.reserve, other.reserve), max(state.new_tokens, other.new_tokens),
         )
 
     def keep(self, state: LlamaState, kept_seqs: list[int]) -> LlamaState | None:
         """Only sequences `kept_seqs` (renumbered 0.. in that order); the others' slots are freed."""
-        lag, kept = state.amateur, set(kept_seqs)
-        self.need_share.record([lag.needed[s] for s in range(len(lag)) if s not in kept and lag.contrastive[s] and lag.steps[s]])
+        lag = state.amateur
         layout, old_rows = state.layout.keep(kept_seqs, self.device)
         old = old_rows.tolist()
         self._release(state, sorted(set(range(len(state.slots))) - set(old)))
         if not kept_seqs:
             return None
         return LlamaState(layout, [state.keys[r] for r in old], [state.slots[r] for r in old],
-                          [state.positions[r] for r in old], state.logits[old_rows], lag.kept(kept_seqs), state.reserve)
+                          [state.positions[r] for r in old], state.logits[old_rows], lag.kept(kept_seqs), state.reserve,
+                          state.new_tokens)
 
     def repeat_rows(self, state: LlamaState, times: int) -> None:
-        """Every row `times` times in a row, each copy its own sequence (beam search's start)."""
-        slots = []
-        for key, slot in zip(state.keys, state.slots):
-            context = self.context(key)
-            slots += [slot] + [context.copy(slot, state.reserve) for _ in range(times - 1)]
+        """Every row `times` times in a row, each copy its own sequence (beam search's start); a copy
+        shares its source's prompt cells. If the copies do not fit, none is kept."""
+        slots, made = [], []
+        try:
+            for key, slot in zip(state.keys, state.slots):
+                slots.append(slot)
+                for _ in range(times - 1):
+                    made.append((key, self.context(key).copy(slot, state.new_tokens)))
+                    slots.append(made[-1][1])
+        except ColdError:
+            for key, copy in made:
+                self.contexts[key].release(copy)
+            raise
         state.slots = slots
         state.keys = [k for k in state.keys for _ in range(times)]
         state.positions = [p for p in state.positions for _ in range(times)]
@@ -356,7 +382,14 @@ class LlamaCppRunner:
         layout = state.layout
         source = layout.role_rows[layout.row_role, seq_source[layout.row_seq]].tolist()  # [R]
         moved = [r for r, s in enumerate(source) if s != r]
-        fresh = {r: self.context(state.keys[r]).copy(state.slots[source[r]], state.reserve) for r in moved}
+        fresh: dict[int, int] = {}
+        try:
+            for r in moved:
+                fresh[r] = self.context(state.keys[r]).copy(state.slots[source[r]], state.new_tokens)
+        except ColdError:
+            for r, slot in fresh.items():
+                self.contexts[state.keys[r]].release(slot)
+            raise
         self._release(state, moved)
         for r, slot in fresh.items():
             state.slots[r] = slot
@@ -366,9 +399,10 @@ class LlamaCppRunner:
 
     def _take(self, keys: list[ContextKey], reserve: int) -> list[int]:
         slots: list[int] = []
+        counts = {key: keys.count(key) for key in keys}
         try:
             for key in keys:
-                slots.append(self.context(key).take(reserve))
+                slots.append(self.context(key, counts[key] * reserve).take(reserve))
         except ColdError:
             for key, slot in zip(keys, slots):
                 self.contexts[key].release(slot)
