@@ -6,6 +6,10 @@ import copy
 import importlib.util
 import math
 import os
+import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 # Pin the compute dtype before anything loads a model: the automatic default (cold.load.models.
@@ -14,8 +18,11 @@ from pathlib import Path
 # COLD_DTYPE wins.
 os.environ.setdefault("COLD_DTYPE", "float32")
 
+import httpx
+import openai
 import pytest
 import torch
+import uvicorn
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -130,3 +137,37 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread; `key` is the API key its
+    clients send by default."""
+
+    def __init__(self, app, key: str | None = None):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.url, self.key = f"http://127.0.0.1:{sock.getsockname()[1]}", key
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, key: str | None = ..., **kwargs) -> openai.OpenAI:
+        key = self.key if key is ... else key
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60, **kwargs)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()

@@ -185,7 +185,7 @@ def test_e2e_prompts_and_adapter_are_cold_evals_for_the_task(tmp_path):
         (["--cobatch-steps", "-1"], "--cobatch-steps: '-1' is not a policy; give integers >= 0 or 'always'"),
         (["--cobatch-steps", "0,sometimes"], "--cobatch-steps: 'sometimes' is not a policy"),
         (["--cobatch-steps", ","], "--cobatch-steps: no policy given"),
-        (["--cobatch-steps", "0", "--decoders", "expert,base"], "--cobatch-steps applies to the cold decoder"),
+        (["--cobatch-steps", "0", "--decoders", "expert,base"], "--cobatch-steps applies to the cold and llamacpp-cold decoders"),
         (["--e2e", "2", "--e2e-task", "chess"], "--e2e-task chess: not a built-in task"),
         (["--e2e-task", "coin_flip"], "--e2e-task and --e2e-file apply to end-to-end mode"),
         (["--e2e", "2", "--e2e-file", "/nonexistent/test.jsonl"], "--e2e-file /nonexistent/test.jsonl: file not found"),

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
-import openai
 import pytest
 import torch
-import uvicorn
 from peft import PeftModel
 from typer.testing import CliRunner
 
@@ -44,7 +39,7 @@ from cold.sampling.amateur import ALWAYS
 from cold.sampling.sampler import Sampler
 from cold.serve.app import ServerConfig, create_app
 from cold.serve.engine_backend import EngineBackend
-from conftest import ALL_LINEAR, make_lora, prefill
+from conftest import ALL_LINEAR, ServerThread, make_lora, prefill
 
 FINAL = DEMO_DIR / "smollm2-coin_flip"
 STEP50 = DEMO_DIR / "smollm2-coin_flip-step-50"
@@ -584,30 +579,6 @@ def test_cli_eval_on_llamacpp_records_the_engine(tmp_path):
 
 
 # ---- 9. the server --------------------------------------------------------------------------------------------
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread (as in test_server.py)."""
-
-    def __init__(self, app):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

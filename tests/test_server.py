@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from cold.cli import app as cli_app
@@ -23,42 +20,10 @@ from cold.load.models import load_base
 from cold.lora.layer import uninstall_adapters
 from cold.params import DecodeParams
 from cold.serve.app import ServerConfig, create_app
-from conftest import make_lora
+from conftest import ServerThread, make_lora
 
 KEY = "test-key"
 PROMPT = "The quick brown fox"
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
-
-    def __init__(self, app):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def client(self, key: str | None = KEY, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60, **kwargs)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health").json()
 
 
 # ---- a tiny random model with two random adapters, API key required ---------------------------
@@ -79,7 +44,7 @@ def engine(tiny, tmp_path_factory):
 def server(engine):
     config = ServerConfig(model_name="tiny", api_key=KEY, max_batch=8, max_queue=64, default_max_tokens=16,
                           max_prompt_tokens=64, max_body_bytes=20_000, max_n=4)
-    running = ServerThread(create_app(engine, config))
+    running = ServerThread(create_app(engine, config), key=KEY)
     yield running
     running.stop()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from cold.bench.batch import BatchRunner
 from cold.bench.policies import cobatch_kwargs
 from cold.decoding.engine import Engine
 from cold.decoding.running import RunningBatch
@@ -134,8 +135,8 @@ class ForwardClock:
 # ---- decoder runners ---------------------------------------------------------------------------
 
 
-class EngineRunner:
-    """Our engine (`base`, `expert`, `cold`): `RunningBatch.join` is the prefill, `.step()` the step."""
+class EngineRunner(BatchRunner):
+    """Our engine (`base`, `expert`, `cold`)."""
 
     def __init__(self, spec: dict):
         decoder = spec["decoder"].removesuffix(REFERENCE_SUFFIX)
@@ -149,21 +150,6 @@ class EngineRunner:
             decoder=decoder, alpha=spec["alpha"], beta=spec["beta"], max_new_tokens=spec["new_tokens"] + 1,
             ignore_eos=True,  # never stop early: every decoder does `new_tokens` steps
         )
-        self.batch = None
-        self.tokens: list[list[int]] = []
-
-    def prefill(self, prompts: list[list[int]]) -> None:
-        requests = [self.engine.make_request(p, self.params) for p in prompts]
-        self.batch = RunningBatch(self.engine.runner)
-        self.batch.join(requests, list(range(len(requests))))
-        self.tokens = [[] for _ in prompts]
-
-    def step(self) -> None:
-        for key, event in self.batch.step():
-            self.tokens[key] += event.token_ids
-
-    def finish(self) -> None:
-        self.batch = None
 
 
 class HFRunner:
@@ -469,7 +455,7 @@ def e2e_cell(spec: dict) -> dict:
     greedy = params is None  # the plain llama.cpp loop (cold.bench.llamacpp.GreedyE2E)
     if greedy:
         prompts = engine.encode(questions)
-        engine.generate(prompts[:2])  # warm-up
+        engine.generate(prompts[:2], max_new=min(4, spec["new_tokens"]))  # warm-up
     else:
         engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
     prefill = [] if greedy else _time_calls(engine.runner, "prefill", device)

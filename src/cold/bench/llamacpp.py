@@ -12,8 +12,8 @@ plain loop end to end (EOS honoured, finished sequences leave, static batches).
 
 from __future__ import annotations
 
+from cold.bench.batch import BatchRunner
 from cold.bench.policies import cobatch_kwargs
-from cold.decoding.running import RunningBatch
 from cold.llamacpp.engine import LlamaCppEngine
 from cold.llamacpp.lora import adapter_gguf
 from cold.llamacpp.runner import Context, LlamaCppModel
@@ -60,7 +60,7 @@ class GreedyRunner:
         self.context.clear()
 
 
-class ColdRunner:
+class ColdRunner(BatchRunner):
     """CoLD on llama.cpp through our decode loop (`RunningBatch` over `LlamaCppRunner`)."""
 
     module = None
@@ -72,21 +72,6 @@ class ColdRunner:
             context_tokens=context_tokens(batch, prompt, spec["new_tokens"] + spec["warmup"]))
         self.params = DecodeParams(decoder="cold", alpha=spec["alpha"], beta=spec["beta"],
                                    max_new_tokens=spec["new_tokens"] + 1, ignore_eos=True)
-        self.tokens: list[list[int]] = []
-
-    def prefill(self, prompts: list[list[int]]) -> None:
-        requests = [self.engine.make_request(p, self.params) for p in prompts]
-        self.batch = RunningBatch(self.engine.runner)
-        self.batch.join(requests, list(range(len(requests))))
-        self.tokens = [[] for _ in prompts]
-
-    def step(self) -> None:
-        for key, event in self.batch.step():
-            self.tokens[key] += event.token_ids
-
-    def finish(self) -> None:
-        self.batch.drop(range(len(self.tokens)))
-        self.batch = None
 
 
 def make_runner(spec: dict):
@@ -108,9 +93,7 @@ def e2e_engine(spec: dict):
 
 class GreedyE2E:
     """The plain llama.cpp greedy loop end to end: static batches, a sequence leaves at EOS or after
-    `max_new` tokens, the others go on. Chat prompts are encoded as our engine encodes them; a
-    prompt's prefix shared with the previous one is reused, as llama-cpp-python and llama.cpp's
-    server do (`cold.llamacpp.runner.Context`)."""
+    `max_new` tokens, the others go on. Chat prompts are encoded as our engine encodes them."""
 
     def __init__(self, engine: LlamaCppEngine, adapted: bool, max_new: int):
         self.engine, self.max_new = engine, max_new
@@ -119,10 +102,10 @@ class GreedyE2E:
     def encode(self, questions: list[str]) -> list[list[int]]:
         return [self.engine.encode(q, chat=True)[1] for q in questions]
 
-    def generate(self, prompts: list[list[int]]) -> tuple[list[int], list[str]]:
+    def generate(self, prompts: list[list[int]], max_new: int | None = None) -> tuple[list[int], list[str]]:
         """Greedy decoding of one static batch: (tokens generated, finish reason) per prompt."""
-        eos = self.engine.eos_ids
-        slots = [self.context.take(0) for _ in prompts]
+        eos, max_new = self.engine.eos_ids, max_new or self.max_new
+        slots = [self.context.take(len(p) + max_new) for p in prompts]
         positions = [len(p) for p in prompts]
         lengths, reasons = [0] * len(prompts), ["length"] * len(prompts)
         logits = self.context.decode([(s, p, 0) for s, p in zip(slots, prompts)])
@@ -133,7 +116,7 @@ class GreedyE2E:
                 lengths[seq] += 1
                 if token in eos:
                     reasons[seq] = "stop"
-                elif lengths[seq] < self.max_new:
+                elif lengths[seq] < max_new:
                     going.append((seq, token))
             if not going:
                 break
@@ -141,6 +124,6 @@ class GreedyE2E:
             live = [s for s, _ in going]
             for s in live:
                 positions[s] += 1
-        for slot in slots:  # the context keeps the last prompt's cells for the next prompts to share
+        for slot in slots:
             self.context.release(slot)
         return lengths, reasons

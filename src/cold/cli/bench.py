@@ -136,7 +136,7 @@ def _cobatch_list(text: str | None, decoders: list[str]) -> list[int | str]:
     if not policies:
         raise ColdError("--cobatch-steps: no policy given; give integers >= 0 or 'always', comma-separated (e.g. 0,4,always)")
     if not any(d in bench.POLICY_DECODERS for d in decoders):
-        raise ColdError(f"--cobatch-steps applies to the {', '.join(bench.POLICY_DECODERS)} decoder; add it to --decoders")
+        raise ColdError(f"--cobatch-steps applies to the {' and '.join(bench.POLICY_DECODERS)} decoders; add one to --decoders")
     return list(dict.fromkeys(policies))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +108,6 @@ class Context:
             if L.llama_set_adapters_lora(self.pointer, adapters, 1, scales) != 0:
                 raise ColdError("llama.cpp refused to apply the LoRA adapter to a context")
         self.memory = L.llama_get_memory(self.pointer)
-        self.threads = threads
         self.batch = L.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.tokens, self.vocab_size = tokens, model.vocab_size
         self.free = list(range(sequences - 1, -1, -1))  # slots not in use, the lowest last (popped first)
@@ -145,14 +143,10 @@ class Context:
         llama().llama_memory_seq_cp(self.memory, source, slot, -1, -1)
         return slot
 
-    def decode(self, work: list[tuple[int, Sequence[int], int]], threads: int | None = None) -> np.ndarray:
+    def decode(self, work: list[tuple[int, Sequence[int], int]]) -> np.ndarray:
         """Feed each (slot, tokens, first position); return the logits after each one's last token,
-        [len(work), V] float32 in work order. Runs as few llama_decode calls as BATCH_TOKENS allows,
-        on `threads` threads (default: the context's)."""
+        [len(work), V] float32 in work order. Runs as few llama_decode calls as BATCH_TOKENS allows."""
         L = llama()
-        if threads is not None and threads != self.threads:
-            L.llama_set_n_threads(self.pointer, threads, threads)
-            self.threads = threads
         out = np.empty((len(work), self.vocab_size), dtype=np.float32)
         batch, filled, owners = self.batch, 0, []
         flat = [(i, slot, token, pos + j, j == len(tokens) - 1)
@@ -217,7 +211,6 @@ class LlamaCppRunner:
         self.device = torch.device("cpu")
         self.lean = self.kv_dtype = None
         self.contexts: dict[ContextKey, Context] = {}
-        self._workers: ThreadPoolExecutor | None = None  # decodes several contexts at once
         self.adapters: list = []
         self.set_adapters(adapters)
 
@@ -250,8 +243,6 @@ class LlamaCppRunner:
         self.contexts.clear()
 
     def close(self) -> None:
-        if self._workers is not None:
-            self._workers.shutdown()
         self.close_contexts()
         self.model.close()
 
@@ -312,27 +303,16 @@ class LlamaCppRunner:
 
     def _decode(self, state: LlamaState, work: list[tuple[int, Sequence[int]]]) -> None:
         """Feed rows their tokens ((row, tokens) pairs), one decode per context; each row's logits
-        and position move on. Several contexts decode at once, in threads that share `self.threads`
-        (llama_decode releases the GIL): a one-token step is bound by reading the weights more than by
-        arithmetic, so two contexts on one thread each take little longer than one on two."""
+        and position move on. (Decoding two contexts at once, on a thread each, measured no faster
+        than one after the other: bench/llamacpp/steps.md, "always" at batch 1.)"""
         by_context: dict[ContextKey, list[tuple[int, Sequence[int]]]] = {}
         for row, tokens in work:
             by_context.setdefault(state.keys[row], []).append((row, tokens))
-        jobs = [(self.context(key), [(state.slots[r], t, state.positions[r]) for r, t in items]) for key, items in by_context.items()]
-        if len(jobs) == 1:
-            results = [jobs[0][0].decode(jobs[0][1], self.threads)]
-        else:
-            share = max(1, self.threads // len(jobs))
-            results = [f.result() for f in [self._pool().submit(c.decode, w, share) for c, w in jobs]]
-        for items, logits in zip(by_context.values(), results):
+        for key, items in by_context.items():
+            logits = self.context(key).decode([(state.slots[r], t, state.positions[r]) for r, t in items])
             state.logits[[r for r, _ in items]] = torch.from_numpy(logits)
             for r, t in items:
                 state.positions[r] += len(t)
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._workers is None:
-            self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cold-llamacpp")
-        return self._workers
 
     def merge(self, state: LlamaState, other: LlamaState) -> LlamaState:
         """One state holding `state`'s sequences, then `other`'s (their slots stay as they are)."""
