@@ -86,7 +86,15 @@ def test_stream_json_events_add_up(tiny_dir, tiny_lora):
     "args,message",
     [
         (["--alpha", "0", "x"], "alpha must be in (0, 1]"),
-        (["--beta", "-1", "x"], "beta must be >= 0"),
+        (["--beta", "-1", "x"], "beta must be in [0, 100]"),
+        (["--beta", "1e300", "x"], "beta must be in [0, 100], got 1e+300"),
+        (["--sample", "--expert-scale", "1e30", "x"], "expert_scale must be in [-10, 10]"),
+        (["--amateur-scale", "-1e9", "x"], "amateur_scale must be in [-10, 10]"),
+        (["--seed", "1180591620717411303424", "--sample", "x"], "seed must be an integer in [0, 2**63 - 1]"),
+        (["--top-p", "1.5", "x"], "top_p must be in (0, 1]"),
+        (["--top-k", "-1", "x"], "top_k must be an integer >= 0"),
+        (["--device", "nonsense", "x"], "--device 'nonsense' is not a device"),
+        (["--device", "meta", "x"], "cold runs on cpu or cuda"),
         (["--sample", "--temperature", "0", "x"], "temperature must be > 0"),
         (["-n", "0", "x"], "max_new_tokens must be"),
         (["--input", "/nonexistent.jsonl"], "file not found"),
@@ -101,6 +109,16 @@ def test_errors_are_one_clear_line(tiny_dir, args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.output + result.stderr
+
+
+def test_input_that_is_not_utf8_or_not_a_file(tiny_dir, tiny_lora, tmp_path):
+    """Invalid UTF-8 in an --input file, and a directory as --input: one error line each (issue 21)."""
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n\xff\n')
+    for target, message in ((bad, "not valid UTF-8"), (tmp_path, "is a directory, not a JSONL file")):
+        result = run("--model", tiny_dir, "--adapter", tiny_lora, "--input", target)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert "Traceback" not in result.output + result.stderr
 
 
 def test_bad_jsonl_line_names_the_line(tiny_dir, tiny_lora, tmp_path):

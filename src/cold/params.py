@@ -10,6 +10,9 @@ from cold.errors import ColdError
 
 DECODERS = ("cold", "expert", "base")  # the only list of decoders
 SCORING_FORMS = ("logit", "logprob")  # the only list of CoLD score forms (cold.sampling.scoring)
+MAX_BETA = 100.0  # a larger contrast only amplifies rounding (and overflows in sampling)
+MAX_SCALE = 10.0  # LoRA scale multipliers beyond this give garbage, not a stronger adapter
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 class EngineName(str, Enum):
@@ -74,20 +77,23 @@ class DecodeParams:
         if self.scoring not in SCORING_FORMS:
             raise ColdError(f"scoring must be one of {', '.join(SCORING_FORMS)}, got {self.scoring!r}")
         _check(_finite(self.alpha) and 0 < self.alpha <= 1, f"alpha must be in (0, 1], got {self.alpha}")
-        _check(_finite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        _check(_finite(self.expert_scale), f"expert_scale must be a finite number, got {self.expert_scale}")
-        _check(_finite(self.amateur_scale), f"amateur_scale must be a finite number, got {self.amateur_scale}")
+        _check(_finite(self.beta) and 0 <= self.beta <= MAX_BETA, f"beta must be in [0, {MAX_BETA:g}], got {self.beta}")
+        for name in ("expert_scale", "amateur_scale"):
+            value = getattr(self, name)
+            _check(_finite(value) and abs(value) <= MAX_SCALE, f"{name} must be in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {value}")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         _check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be an integer >= 1, got {self.num_beams!r}")
         _check(_finite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
+        # checked with or without sampling: a bad value is refused, not silently ignored
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         if self.do_sample:
             _check(_finite(self.temperature) and self.temperature > 0,
                    f"temperature must be > 0 when sampling, got {self.temperature}")
-            _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-            _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
             _check(self.num_beams == 1, "beam search (num_beams > 1) cannot be combined with sampling")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+               f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")

@@ -100,7 +100,7 @@ def check_llamacpp_options(device: str, dtype: str, kv_dtype: str | None) -> Non
 def load_engine(engine_name, model: str, adapters: dict[str, str], device: str, dtype: str, kv_dtype: str | None,
                 what: str | None = None):
     """Our `Engine` or, for --engine llamacpp, `LlamaCppEngine`, loaded under a status line."""
-    what = what or (f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else ""))
+    what = escape(what or (f"Loading {model}" + (f" with adapter {', '.join(adapters)}" if adapters else "")))
     if engine_name == "llamacpp":
         check_llamacpp_options(device, dtype, kv_dtype)
         from cold.llamacpp import LlamaCppEngine

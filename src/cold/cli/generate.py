@@ -42,9 +42,12 @@ def read_prompts(prompts: list[str], input_file: Optional[Path], field: str) -> 
     found = list(prompts)
     if input_file is not None:
         handle = sys.stdin if str(input_file) == "-" else _open(input_file)
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                found.append(_prompt_from_line(line, field, f"{input_file}:{number}"))
+        try:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    found.append(_prompt_from_line(line, field, f"{input_file}:{number}"))
+        except UnicodeDecodeError as exc:
+            raise ColdError(f"--input {input_file}: not valid UTF-8 ({exc.reason})") from None
     elif not found and not sys.stdin.isatty():
         found = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not found:
@@ -53,6 +56,8 @@ def read_prompts(prompts: list[str], input_file: Optional[Path], field: str) -> 
 
 
 def _open(path: Path):
+    if path.is_dir():
+        raise ColdError(f"--input {path}: is a directory, not a JSONL file")
     if not path.is_file():
         raise ColdError(f"--input {path}: file not found")
     return path.open(encoding="utf-8")

@@ -83,7 +83,12 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """A torch device; None or "auto" is CUDA where available, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ColdError(f"--device {device!r} is not a device; give cpu, cuda, cuda:N or auto") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ColdError(f"--device {device!r}: cold runs on cpu or cuda (cuda:N), or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ColdError("--device cuda was asked for but no CUDA device is available")
     return dev

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cold.params import DECODERS, SCORING_FORMS, DecodeParams, amateur_fields
+from cold.params import DECODERS, MAX_BETA, MAX_SCALE, SCORING_FORMS, DecodeParams, amateur_fields
 
 
 class ApiError(Exception):
@@ -110,8 +110,6 @@ class ChatRequest(_Generation):
 MAX_STOP = 16
 MIN_TEMPERATURE = 1e-5  # below: greedy (dividing scores by a tinier number overflows)
 MAX_TEMPERATURE = 100.0
-MAX_BETA = 100.0
-MAX_SCALE = 10.0
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
