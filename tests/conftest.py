@@ -141,14 +141,14 @@ def load_script(name: str):
 
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread; `key` is the API key its
-    clients send by default."""
+    clients send by default; `options` go to uvicorn.Config (e.g. limit_concurrency)."""
 
-    def __init__(self, app, key: str | None = None):
+    def __init__(self, app, key: str | None = None, **options):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.url, self.key = f"http://127.0.0.1:{sock.getsockname()[1]}", key
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

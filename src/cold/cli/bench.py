@@ -15,6 +15,8 @@ import typer
 from cold.bench import run as bench
 from cold.cli.common import Device, Dtype, EvalModel, check_positive, err, reports_errors, table_console
 from cold.errors import ColdError
+from cold.load.paths import check_writable
+from cold.params import DecodeParams
 
 out = table_console(200, soft_wrap=True)  # wide tables in files
 
@@ -69,6 +71,10 @@ def bench_command(
                    bandwidth_mb=bandwidth_mb, e2e_batch_size=e2e_batch_size)
     if warmup < 0:
         raise ColdError(f"--warmup must be >= 0, got {warmup}")
+    DecodeParams(alpha=alpha, beta=beta).validate()
+    for option, path in (("--json", json_path), ("--plot", plot_path), ("--markdown", markdown_path)):
+        if path is not None:
+            check_writable(path, option)
     device = str(pick_device(device))  # "auto" -> what it means here
     dtype = dtype_name(pick_dtype(dtype, device))  # likewise: every recorded table names the dtype measured
     decoder_list = _decoder_list(decoders, bool(e2e))

@@ -75,6 +75,7 @@ class Prepared:
     settings: dict  # what a resumed run must share (run.json)
     sample: str  # "N of M problems ..." for reports
     out: Path
+    directory: runner.RunDir  # OUT, locked while `generate_all` writes into it
 
 
 def check_common(max_new_tokens, batch_size, limit, bootstrap, dtype, device, engine: str = "cold", kv_dtype=None) -> str:
@@ -134,11 +135,12 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
         settings.update(question_field=question_field, answer_field=answer_field, choices_field=choices_field)
     name = f"{the_task.name}-{split_name}" if split_name else path.stem
     out = out_dir or Path("eval-runs") / f"{out_prefix}{name}-{prompt.value}"
-    runner.open_run_dir(out, settings, informational=("data", "adapter", "amateur_adapter"))
+    directory = runner.open_run_dir(out, settings, informational=("data", "adapter", "amateur_adapter"))
     sample = f"{len(chosen)} of {total} problems" + (f" (seeded sample, --seed {seed})" if len(chosen) < len(problems) else "")
     if own:
         sample += f"; rows 0-{len(own) - 1} are the few-shot exemplars"
-    return Prepared(the_task, split_name, path, chosen, style, adapter_path, amateur, amateur_scale, settings, sample, out)
+    return Prepared(the_task, split_name, path, chosen, style, adapter_path, amateur, amateur_scale, settings, sample, out,
+                    directory)
 
 
 def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, batch_size, kv_dtype=None,
@@ -146,9 +148,9 @@ def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, bat
     """Every decoder on every chosen problem (records resumed from the run directory), with a progress bar."""
     engine = _LazyEngine(model, run.adapter, device, dtype, kv_dtype, run.amateur, run.amateur_scale, engine_name)
     err.print(f"{run.task.name}{f' ({run.split})' if run.split else ''}: {run.sample}; decoders {', '.join(s.label for s in specs)} -> {run.out}", markup=False)
-    with _progress() as progress:
+    with run.directory, _progress() as progress:
         results, generated = runner.run_decoders(
-            engine, run.problems, specs, run.style, run.task.answer_type, run.out,
+            engine, run.problems, specs, run.style, run.task.answer_type, run.directory,
             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
         )
     n = len(run.problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,7 +19,10 @@ from cold.cli.common import (
     refuse_kv_dtype_on_vllm,
     reports_errors,
 )
+from cold.errors import ColdError
 from cold.params import EngineName
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @reports_errors
@@ -34,6 +38,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="max_tokens of requests that give none (capped by the context).")] = 256,
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Refuse longer prompts with 413 (default: only the model's context limits them).")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Refuse larger request bodies with 413.")] = 1 << 20,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a client has to send its whole request body; slower ones get 408.")] = 30.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections and requests at most; beyond that new requests get 503.")] = 1024,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
@@ -56,9 +62,14 @@ def serve(
     from cold.load.demo import DEMO_ADAPTERS, default_adapters
     from cold.serve.app import ServerConfig, create_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() not in LOG_LEVELS:
+        raise ColdError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     check_positive(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                   max_prompt_tokens=max_prompt_tokens)
+                   max_prompt_tokens=max_prompt_tokens, max_connections=max_connections)
+    if not (body_timeout > 0 and body_timeout != float("inf")):
+        raise ColdError(f"--body-timeout must be a finite number of seconds > 0, got {body_timeout}")
+    _check_address(host, port)  # before the model loads: a busy port or a typo in --host fails at once
+    logging.basicConfig(level="DEBUG" if log_level.lower() == "trace" else log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if adapter:
         adapters = parse_adapter_specs(adapter)
     else:
@@ -91,15 +102,31 @@ def serve(
         config = ServerConfig(
             model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
             max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-            max_body_bytes=max_body_bytes,
+            max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_connections=max_connections,
         )
         app = create_app(backend, config)
         ids = ", ".join([config.model_name, *backend.adapter_names])
         err.print(f"Serving model ids {ids} on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
                   + {EngineName.vllm: " (vLLM engine)", EngineName.llamacpp: " (llama.cpp engine)"}.get(engine_name, ""))
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), limit_concurrency=config.max_connections)
     finally:
         backend.close()
+
+
+def _check_address(host: str, port: int) -> None:
+    """ColdError unless this process can listen on host:port now."""
+    if not 0 <= port <= 65535:
+        raise ColdError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ColdError(f"--host {host!r}: not an address of this machine ({exc})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ColdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _model_id(model: str) -> str:

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from cold.errors import ColdError
+from cold.params import DecodeParams
 
 KINDS = ("base", "expert", "cold", "cold-logprob")
 SYNTAX = ("base | expert | expert@SCALE | cold | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA, each optionally followed by "
@@ -41,6 +42,10 @@ class DecoderSpec:
     expert_scale: float = 1.0
     num_beams: int = 1
     vs_amateur: bool = False  # cold kinds: the amateur row is the run's amateur adapter, not the bare base
+
+    def __post_init__(self) -> None:
+        """ColdError for values out of the ranges every front-end shares (`DecodeParams.validate`)."""
+        DecodeParams().with_(**{k: v for k, v in self.generate_kwargs().items() if k != "vs_amateur"}).validate()
 
     @property
     def label(self) -> str:
@@ -100,12 +105,11 @@ def parse_decoder(spec: str) -> DecoderSpec:
             if len(parts) != 2:
                 raise ColdError(f"bad decoder spec {spec!r}: expected {kind}@ALPHA/BETA, e.g. {kind}@0.1/0.5")
             alpha, beta = (_float(p, spec, name) for p, name in zip(parts, ("ALPHA", "BETA")))
-            if not 0 < alpha <= 1:
-                raise ColdError(f"bad decoder spec {spec!r}: ALPHA must be in (0, 1], got {alpha:g}")
-            if beta < 0:
-                raise ColdError(f"bad decoder spec {spec!r}: BETA must be >= 0, got {beta:g}")
             fields.update(alpha=alpha, beta=beta)
-    return DecoderSpec(kind, **fields)
+    try:
+        return DecoderSpec(kind, **fields)
+    except ColdError as exc:
+        raise ColdError(f"bad decoder spec {spec!r}: {exc}") from None
 
 
 def parse_decoders(specs: str) -> list[DecoderSpec]:

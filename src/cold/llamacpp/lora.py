@@ -14,6 +14,7 @@ Two conventions of that converter are kept:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from cold.load.paths import cache_dir
 PERMUTES_QK = {"llama": True, "gemma3": False}
 # The adapted weights llama.cpp applies a LoRA to in these architectures (gguf names, per block).
 ADAPTABLE = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# GGML tensor types (gguf.GGMLQuantizationType values) whose data is checked for NaN and infinities.
+_FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,12 @@ def _check_gguf_adapter(path: Path, base: BaseShapes) -> Path:
     if field("general.architecture") != base.architecture:
         raise ColdError(f"adapter {path}: made for architecture {field('general.architecture')!r}, "
                         f"the base model is {base.architecture!r}")
+    alpha = fields["adapter.lora.alpha"].contents() if "adapter.lora.alpha" in fields else None
+    if alpha is not None and not math.isfinite(float(alpha)):
+        raise ColdError(f"adapter {path}: adapter.lora.alpha is {alpha}, not a finite number")
     for tensor in reader.tensors:
+        if tensor.tensor_type in _FLOAT_TYPES and not bool(np.isfinite(tensor.data).all()):
+            raise ColdError(f"adapter {path}: {tensor.name} holds NaN or infinite values")
         name, _, part = tensor.name.rpartition(".weight.lora_")
         if part == "b" and name in base.shapes and int(tensor.shape[1]) != base.shapes[name][0]:
             raise ColdError(f"adapter {path}: {tensor.name} does not fit the base model's {name}")

@@ -79,10 +79,10 @@ def _check_config(path: Path, config: dict) -> tuple[int, float]:
         if is_used(config.get(key)):
             raise ColdError(f"adapter {path}: {feature} is not supported")
     rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ColdError(f"adapter {path}: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float)):
-        raise ColdError(f"adapter {path}: lora_alpha must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ColdError(f"adapter {path}: lora_alpha must be a finite number, got {alpha!r}")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return rank, float(scale)
 
@@ -121,6 +121,10 @@ def _read_weights(path: Path, rank: int) -> dict[str, tuple[torch.Tensor, torch.
                 f"adapter {path}: module {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"which do not match rank r={rank}"
             )
+        for which, tensor in (("A", a), ("B", b)):
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                problem = "is not a floating-point tensor" if not tensor.is_floating_point() else "holds NaN or infinite values"
+                raise ColdError(f"adapter {path}: module {module}'s lora_{which} {problem}")
         weights[module] = (a, b)
     return weights
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from platformdirs import user_cache_dir
+
+from cold.errors import ColdError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/cold/load/paths.py -> the repository
 
@@ -25,3 +29,29 @@ def data_root() -> Path:
         if candidate.is_dir():
             return candidate
     return beside_repo
+
+
+def check_writable(path: Path, option: str, directory: bool = False) -> None:
+    """ColdError (naming `option`) unless `path` can be written as a directory (or a file), checked
+    before any work by creating what is missing of it and removing that again."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise ColdError(f"{option} {path}: exists and is {'not ' if directory else ''}a directory")
+    folder = path if directory else path.parent
+    missing = []  # the folders this check creates (and removes), innermost last
+    ancestor = folder
+    while not ancestor.exists():
+        missing.insert(0, ancestor)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ColdError(f"{option} {path}: {ancestor} is not a directory")
+    try:
+        for made in missing:
+            made.mkdir()
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ColdError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for made in reversed(missing):
+            with contextlib.suppress(OSError):
+                made.rmdir()

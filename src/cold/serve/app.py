@@ -10,7 +10,8 @@ the expert (decoder "cold" by default), the base model's name (or "base") decode
 base model alone (decoder "base" by default). CoLD fields `decoder`, `alpha`, `beta`,
 `scoring`, `top_k`, `expert_scale`, `amateur` and `amateur_scale` ride along in the JSON body.
 
-Everything HTTP happens here, once for every backend: the API key, body limits, model ids,
+Everything HTTP happens here, once for every backend: the API key, JSON bodies only (a web page
+cannot POST one without the browser asking first), body size and read-time limits, model ids,
 prompt and context checks, response and stream shapes, usage, metrics and error responses. The
 backend (`cold.serve.backend.Backend`: an `Engine` is wrapped in `EngineBackend`) builds the
 requests and the thread that decodes them. Every request becomes one `Job` per choice; each HTTP
@@ -34,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cold.errors import ColdError
 from cold.load.prompts import chat_ids, chat_text
@@ -53,6 +55,11 @@ log = logging.getLogger("cold.serve.app")
 
 BASE_ALIAS = "base"
 _DISCONNECTED = object()
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away: logged and counted apart from errors
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its request was read or answered."""
 
 
 @dataclass
@@ -65,6 +72,8 @@ class ServerConfig:
     max_prompt_tokens: int | None = None  # longer prompts: 413 (None: only the context limits)
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
     max_n: int = 16  # choices per request
+    body_timeout_s: float = 30.0  # a request body not received in full within this: 408
+    max_connections: int = 1024  # open connections and requests; beyond: 503 (uvicorn's limit_concurrency, set by `cold serve`)
 
 
 @dataclass
@@ -122,6 +131,10 @@ def _guarded(handler):
     async def wrapper(self, request: Request):
         try:
             return await handler(self, request)
+        except _ClientGone:
+            log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+            self.metrics.disconnects.inc()
+            return Response(status_code=CLIENT_CLOSED)
         except ApiError as exc:
             return _error_response(request, exc)
         except ColdError as exc:
@@ -154,7 +167,8 @@ class _Server:
     @_guarded
     async def completions(self, request: Request) -> Response:
         body, params = await self._accept(request, CompletionRequest)
-        prompts = self._completion_prompts(body.prompt)
+        self._check_room(_prompt_count(body.prompt), body.n or 1)
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)  # tokenising: off the event loop
         return await self._generate(request, "completion", body, prompts, params, body.max_tokens, bool(body.echo))
 
     @_guarded
@@ -164,7 +178,8 @@ class _Server:
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens",
                            code="invalid_value")
-        prompt = self._chat_prompt(chat_messages(body))
+        self._check_room(1, body.n or 1)
+        prompt = await asyncio.to_thread(self._chat_prompt, chat_messages(body))
         return await self._generate(request, "chat", body, [prompt], params, max_tokens, echo=False)
 
     @_guarded
@@ -207,18 +222,39 @@ class _Server:
         if not secrets.compare_digest(given.strip().encode(), key.encode()):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
+    def _check_room(self, prompts: int, n: int) -> None:
+        """Before any tokenising: 400 for more sequences than the queue holds, 503 while it has no room for them."""
+        sequences = prompts * n
+        if sequences > self.config.max_queue:  # could never be queued: not worth a retry
+            raise ApiError(400, f"{prompts} prompt(s) x n={n} is more sequences than this server queues "
+                           f"({self.config.max_queue}); split the request", param="prompt", code="invalid_value")
+        if self.worker.queued + sequences > self.config.max_queue:
+            raise ApiError(503, f"the request queue is full ({self.worker.queued} waiting, at most "
+                           f"{self.config.max_queue}); retry later", code="queue_full")
+
     async def _read_body(self, request: Request) -> bytes:
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":  # a web page can POST text/plain or a form without asking: refused
+            raise ApiError(415, "send the request body as JSON with the header 'Content-Type: application/json' "
+                           f"(got {media_type or 'none'!r})", code="unsupported_media_type")
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length", "")
         too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large")
         if length.isdigit() and int(length) > limit:
             raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_big
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise _ClientGone() from None
         return b"".join(chunks)
 
     def _resolve_model(self, model: str) -> str | None:
@@ -301,9 +337,6 @@ class _Server:
                         max_tokens: int | None, echo: bool) -> Response:
         start = time.perf_counter()
         n = body.n or 1
-        if len(prompts) * n > self.config.max_queue:  # could never be queued: not worth a retry
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more sequences than this server queues "
-                           f"({self.config.max_queue}); split the request", param="prompt", code="invalid_value")
         requests = self._requests(prompts, params, max_tokens, n)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -335,7 +368,8 @@ class _Server:
                 if item is _DISCONNECTED:
                     log.info("%s %s: client went away; dropping its %d sequence(s)",
                              request.method, request.url.path, len(call.jobs))
-                    return Response(status_code=499)
+                    self.metrics.disconnects.inc()
+                    return Response(status_code=CLIENT_CLOSED)
                 if isinstance(item, JobFailed):  # the decode thread has logged it
                     return _error_response(request, _job_error(item), logged=True)
                 call.add(index, item)
@@ -457,6 +491,13 @@ class _Call:
                 choice["token_ids"] = ids
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+
+def _prompt_count(prompt) -> int:
+    """How many prompts a completion request's `prompt` field holds (a string, token ids, or a list of either)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return 1
+    return len(prompt)
 
 
 def _job_error(failed: JobFailed) -> ApiError:

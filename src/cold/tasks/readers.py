@@ -26,6 +26,7 @@ and paired comparisons rely on that). Malformed rows raise ColdError naming file
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -97,7 +98,7 @@ def generated_file(task: str, split: str) -> Path:
 # ---- file formats ----------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, object) for every non-empty line; `where` is "file:line" for error messages."""
     with _open(path) as handle:
         for number, line in enumerate(handle, 1):
@@ -133,10 +134,18 @@ def _json_rows(path: Path, key: str | None = None) -> Iterator[tuple[str, dict]]
         yield where, row
 
 
-def _open(path: Path):
+def _open(path: Path) -> io.StringIO:
+    """The file's text, to read like an open file; ColdError when it is missing, a directory or not UTF-8."""
+    if path.is_dir():
+        raise ColdError(f"{path}: is a directory, not a task file")
     if not path.is_file():
         raise ColdError(f"{path}: file not found")
-    return path.open(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        return io.StringIO(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ColdError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def get_field(row: dict, name: str, where: str):
@@ -150,7 +159,7 @@ def get_field(row: dict, name: str, where: str):
     return value
 
 
-def _text(row: dict, name: str, where: str) -> str:
+def text_field(row: dict, name: str, where: str) -> str:
     value = get_field(row, name, where)
     if not isinstance(value, str) or not value.strip():
         raise ColdError(f"{where}: field {name!r} must be a non-empty string")
@@ -185,11 +194,11 @@ def _choices(value, where: str, name: str) -> tuple[tuple[str, str], ...]:
 def read_gsm8k(path: Path) -> list[Problem]:
     """GSM8K JSONL: `question`, `answer` (worked solution ending `#### N`)."""
     problems = []
-    for index, (where, row) in enumerate(_jsonl_rows(path)):
+    for index, (where, row) in enumerate(jsonl_rows(path)):
         answer = get_field(row, "answer", where)
         if not isinstance(answer, str) or "####" not in answer:
             raise ColdError(f"{where}: field 'answer' has no '#### N' final answer")
-        problems.append(Problem(str(index), _text(row, "question", where), _gold(answer, "number", where, "answer")))
+        problems.append(Problem(str(index), text_field(row, "question", where), _gold(answer, "number", where, "answer")))
     return problems
 
 
@@ -200,7 +209,7 @@ def read_mawps(path: Path) -> list[Problem]:
         solutions = get_field(row, "lSolutions", where)
         if not isinstance(solutions, list) or not solutions:
             raise ColdError(f"{where}: field 'lSolutions' must be a non-empty list")
-        problems.append(Problem(str(index), _text(row, "sQuestion", where), _gold(solutions[0], "number", where, "lSolutions[0]")))
+        problems.append(Problem(str(index), text_field(row, "sQuestion", where), _gold(solutions[0], "number", where, "lSolutions[0]")))
     return problems
 
 
@@ -208,7 +217,7 @@ def _read_examples(answer_type: str) -> Callable[[Path], list[Problem]]:
     def read(path: Path) -> list[Problem]:
         """Kojima et al.'s symbolic sets: {"examples": [{"question", "answer"}, ...]}."""
         return [
-            Problem(str(index), _text(row, "question", where), _gold(get_field(row, "answer", where), answer_type, where, "answer"))
+            Problem(str(index), text_field(row, "question", where), _gold(get_field(row, "answer", where), answer_type, where, "answer"))
             for index, (where, row) in enumerate(_json_rows(path, "examples"))
         ]
 
@@ -222,11 +231,11 @@ read_last_letters = _read_examples("text")
 def read_commonsenseqa(path: Path) -> list[Problem]:
     """CommonsenseQA JSONL: `question.stem`, `question.choices[].label/text`, `answerKey`."""
     problems = []
-    for index, (where, row) in enumerate(_jsonl_rows(path)):
+    for index, (where, row) in enumerate(jsonl_rows(path)):
         choices = _choices(get_field(row, "question.choices", where), where, "question.choices")
         labels = [label for label, _ in choices]
         gold = _gold(get_field(row, "answerKey", where), "choice", where, "answerKey", labels)
-        problems.append(Problem(str(index), _text(row, "question.stem", where), gold, choices))
+        problems.append(Problem(str(index), text_field(row, "question.stem", where), gold, choices))
     return problems
 
 
@@ -241,11 +250,11 @@ def read_jsonl(path: Path, question: str = "question", answer: str = "answer", a
     if answer_type == "choice" and not choices:
         raise ColdError("--answer-type choice needs --choices-field (the field holding the choices)")
     problems = []
-    for index, (where, row) in enumerate(_jsonl_rows(path)):
+    for index, (where, row) in enumerate(jsonl_rows(path)):
         options = _choices(get_field(row, choices, where), where, choices) if choices else ()
         labels = [label for label, _ in options]
         gold = _gold(get_field(row, answer, where), answer_type, where, answer, labels)
-        problems.append(Problem(str(index), _text(row, question, where), gold, options))
+        problems.append(Problem(str(index), text_field(row, question, where), gold, options))
     return problems
 
 

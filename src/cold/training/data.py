@@ -18,7 +18,7 @@ from pathlib import Path
 from cold.errors import ColdError
 from cold.load.paths import data_root
 from cold.tasks.prompts import question_text
-from cold.tasks.readers import generated_file, read_commonsenseqa, select
+from cold.tasks.readers import generated_file, jsonl_rows, read_commonsenseqa, select, text_field
 
 _CSQA_TRAIN = "commonsenseqa/train_rand_split.jsonl"
 DEFAULT_DATA = {  # task -> its train file, relative to the data root (cold.load.paths.data_root)
@@ -40,18 +40,9 @@ def clean_gsm8k_answer(answer: str) -> str:
 
 
 def load_gsm8k(path: Path) -> list[tuple[str, str]]:
-    """Read GSM8K jsonl into (question, cleaned answer) pairs."""
-    pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            try:
-                pairs.append((record["question"].strip(), clean_gsm8k_answer(record["answer"])))
-            except KeyError as exc:
-                raise ColdError(f"{path}:{line_no}: missing field {exc}") from exc
-    return pairs
+    """Read GSM8K jsonl (any JSONL with `question` and `answer` strings) into (question, cleaned answer) pairs."""
+    return [(text_field(row, "question", where), clean_gsm8k_answer(text_field(row, "answer", where)))
+            for where, row in jsonl_rows(path)]
 
 
 def load_worked_examples(path: Path) -> list[tuple[str, str]]:
@@ -121,6 +112,8 @@ def load_task(task: str, data_path: str | Path | None) -> tuple[Path, list[tuple
     if task not in TASK_LOADERS:
         raise ColdError(f"task {task!r} is not one of {', '.join(sorted(TASK_LOADERS))}")
     path = Path(data_path) if data_path else default_data(task)
+    if path.is_dir():
+        raise ColdError(f"training data {path}: is a directory, not a file")
     if not path.is_file():
         raise ColdError(f"training data {path} not found")
     pairs = TASK_LOADERS[task](path)

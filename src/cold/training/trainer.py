@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cold.errors import ColdError
 from cold.load.models import load_base, pick_dtype
+from cold.load.paths import check_writable
 from cold.training.card import plot_loss, reproduce_command, write_model_card
 from cold.training.data import load_task
 from cold.training.encoding import PROMPT_FORMATS, BatchStream, encode_dataset, resolve_prompt_format
@@ -64,6 +65,29 @@ def smoothed(losses: list[float], fraction: float = 0.1) -> float:
     return sum(tail) / len(tail)
 
 
+def _check_options(output_dir, rank, lora_alpha, target_modules, max_steps, batch_size, learning_rate, max_length,
+                   threads, save_at, prompt_format) -> None:
+    """ColdError naming the first bad option, before anything loads."""
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("rank", rank), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ColdError(f"{name} must be an integer >= 1, got {value!r}")
+    if threads is not None and threads < 1:
+        raise ColdError(f"threads must be >= 1 (or left out for torch's choice), got {threads}")
+    for name, value in (("lora_alpha", lora_alpha), ("learning_rate", learning_rate)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ColdError(f"{name} must be a finite number > 0, got {value!r}")
+    if not target_modules:
+        raise ColdError("target_modules is empty: name at least one module to adapt")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ColdError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if any(not 1 <= s < max_steps for s in save_at):
+        raise ColdError(f"save_at steps must lie in 1..{max_steps - 1}, got {list(save_at)}")
+    out = Path(output_dir)
+    check_writable(out, "--output-dir", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+        raise ColdError(f"output directory {out}: not empty and holds no adapter; give a new or empty directory")
+
+
 def train_lora(
     base_model: str = "smollm2",
     task: str = "gsm8k",
@@ -90,12 +114,8 @@ def train_lora(
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, seed=seed,
         threads=threads, save_dtype=save_dtype, save_at=list(save_at) or None, prompt_format=prompt_format,
     )
-    if max_steps < 1 or batch_size < 1 or rank < 1:
-        raise ColdError("max_steps, batch_size and rank must be positive")
-    if prompt_format not in PROMPT_FORMATS:
-        raise ColdError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-    if any(not 1 <= s < max_steps for s in save_at):
-        raise ColdError(f"save_at steps must lie in 1..{max_steps - 1}, got {list(save_at)}")
+    _check_options(output_dir, rank, lora_alpha, target_modules, max_steps, batch_size, learning_rate, max_length,
+                   threads, save_at, prompt_format)
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed)
@@ -110,6 +130,10 @@ def train_lora(
         raise ColdError(f"no example fits in max_length={max_length} tokens")
 
     torch.manual_seed(seed)  # LoRA init independent of anything loading did
+    missing = sorted(set(target_modules) - {name.rsplit(".", 1)[-1] for name, _ in base.model.named_modules()})
+    if missing:
+        raise ColdError(f"--target {', '.join(missing)}: no module of {base_model} has that name "
+                        f"(the default targets: {', '.join(DEFAULT_TARGET_MODULES)})")
     model = attach_lora(base.model, rank, lora_alpha, target_modules)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
