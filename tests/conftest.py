@@ -8,6 +8,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def load_script(name: str):
     """A module of scripts/ (not a package), imported from its file: `load_script("hard_negatives")`."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

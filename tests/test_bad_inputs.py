@@ -31,7 +31,7 @@ from cold.errors import ColdError
 from cold.load.adapters import read_adapter
 from cold.load.paths import cache_dir
 from cold.serve.app import ServerConfig, create_app
-from conftest import ServerThread, make_lora
+from conftest import ServerThread, load_script, make_lora
 
 runner = CliRunner()
 
@@ -571,3 +571,16 @@ def test_open_connections_are_bounded(engine):
         assert _eventually(lambda: httpx.post(serving.url + "/v1/completions", json=_completion(), timeout=30).status_code == 200)
     finally:
         serving.stop()
+
+
+def test_a_short_soak_passes(server, tmp_path):
+    """scripts/soak.py (docs/serving.md runs it for 10 minutes) on the test server, briefly."""
+    report_file = tmp_path / "soak.json"
+    status = load_script("soak").main(["--url", server.url, "--pid", str(os.getpid()), "--clients", "4", "--duration", "8",
+                                       "--warmup", "2", "--max-tokens", "4", "--probe-every", "1", "--rss-tolerance", "50",
+                                       "--json", str(report_file)])
+    report = json.loads(report_file.read_text())
+    assert status == 0, report["failed"]
+    assert report["errors"] == 0 and report["probes"] >= 4 and report["probe_variants"] == 1
+    assert report["by_kind"].get("bad", 0) >= 1 and any(k.endswith("-abandoned") for k in report["by_kind"])
+    assert report["server_500s"] == 0 and report["left_running"] == 0 and report["rss_samples"] >= 4

@@ -4,6 +4,8 @@ chat template."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +169,30 @@ def test_load_base_converts_in_the_dtype_it_computes_in(monkeypatch, tmp_path):
 def test_a_bad_dtype_for_conversion_is_refused(smollm2_gguf):
     with pytest.raises(ColdError, match="float32, bfloat16 or float16"):
         gguf.convert_gguf(smollm2_gguf, torch.int8)
+
+
+_BUILDER = """
+import os, sys, time
+from pathlib import Path
+from cold.load import gguf
+
+def write(directory):
+    (Path(sys.argv[2]) / f"writer-{os.getpid()}").touch()
+    time.sleep(1.0)
+    (directory / "weights").write_text("x")
+
+gguf._build_once(Path(sys.argv[1]), Path("model.gguf"), write)
+"""
+
+
+def test_two_processes_building_one_cache_entry(tmp_path):
+    """The second process waits for the first one's build, finds the entry complete and writes nothing."""
+    target, marks = tmp_path / "entry", tmp_path / "marks"
+    marks.mkdir()
+    builders = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(target), str(marks)], stderr=subprocess.PIPE)
+                for _ in range(2)]
+    errors = [b.communicate(timeout=120)[1].decode() for b in builders]
+    assert [b.returncode for b in builders] == [0, 0], errors
+    assert len(list(marks.iterdir())) == 1
+    assert (target / "complete").is_file() and (target / "weights").read_text() == "x"
+    assert not list(tmp_path.glob("*.partial*"))

@@ -23,7 +23,7 @@ import numpy as np
 
 from cold.errors import ColdError
 from cold.load.adapters import LoraAdapter, read_adapter
-from cold.load.paths import cache_dir
+from cold.load.paths import building, cache_dir
 
 # Architectures whose GGUF conversion is checked against PEFT (tests/test_llamacpp.py), with
 # whether llama.cpp's converter permutes their q/k rows.
@@ -74,13 +74,15 @@ def adapter_gguf(source: str | Path | LoraAdapter, base_gguf: Path, base: BaseSh
     target = cache_dir() / "gguf-lora" / f"{adapter.path.name}-{_key(adapter, base)}.gguf"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    try:
-        _write(partial, base.architecture, adapter.scale * adapter.rank, tensors)
-        partial.replace(target)  # atomic: a concurrent conversion writes the same bytes
-    finally:
-        partial.unlink(missing_ok=True)
+    with building(target):
+        if target.is_file():  # another process converted it meanwhile
+            return target
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            _write(partial, base.architecture, adapter.scale * adapter.rank, tensors)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 

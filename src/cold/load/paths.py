@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
 from platformdirs import user_cache_dir
 
 from cold.errors import ColdError
@@ -29,6 +30,15 @@ def data_root() -> Path:
         if candidate.is_dir():
             return candidate
     return beside_repo
+
+
+@contextlib.contextmanager
+def building(target: Path):
+    """Hold `<target>.lock` while `target` (a cache entry) is built: a second process that wants the
+    same entry waits, then finds it built. Check for the entry again inside the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(target.name + ".lock")):
+        yield
 
 
 def check_writable(path: Path, option: str, directory: bool = False) -> None:

@@ -400,6 +400,7 @@ class _Server:
         finally:
             if not call.finished:
                 log.info("%s %s: stream closed early; dropping its sequence(s)", request.method, request.url.path)
+                self.metrics.disconnects.inc()
             self.worker.cancel(call.jobs)
 
 

@@ -16,8 +16,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("cold_prompt_tokens", "Prompt tokens of accepted requests.", registry=r)
         self.completion_tokens = Counter("cold_completion_tokens", "Tokens generated.", registry=r)
-        self.disconnects = Counter("cold_client_disconnects", "Requests whose client went away before the answer "
-                                   "(answered 499; not errors).", registry=r)
+        self.disconnects = Counter("cold_client_disconnects", "Requests whose client went away before the "
+                                   "whole answer (not errors: 499, or a stream closed early).", registry=r)
         self.cancelled = Counter("cold_cancelled_sequences", "Sequences dropped because their client went away.",
                                  registry=r)
         self.queue_length = Gauge("cold_queue_length", "Sequences waiting to join the running batch.", registry=r)
