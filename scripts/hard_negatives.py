@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cold.load.paths import data_root
 from cold.tasks.prompts import question_text
-from cold.tasks.readers import _jsonl_rows, read_commonsenseqa, select
+from cold.tasks.readers import jsonl_rows, read_commonsenseqa, select
 from cold.training.data import DEFAULT_DATA, TUNING_RESERVE
 from cold.training.encoding import completion_ids, prompt_ids, resolve_prompt_format
 
@@ -99,7 +99,7 @@ def main() -> None:
     base = load_base(args.model, dtype="float32")  # as the recorded study ran, whatever the CPU's default
     model = PeftModel.from_pretrained(base.model, str(args.adapter)).eval()
     prompt_format = resolve_prompt_format(base.tokenizer, args.prompt, args.model)
-    raw = [row for _, row in _jsonl_rows(args.data)]  # the reader's own rows: aligned with `problems`
+    raw = [row for _, row in jsonl_rows(args.data)]  # the reader's own rows: aligned with `problems`
     args.out.parent.mkdir(parents=True, exist_ok=True)
     expert_right = scored = 0
     with torch.inference_mode(), args.out.open("w", encoding="utf-8") as out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from cold.cli import app
 from cold.errors import ColdError
 from cold.evaluation import report, stats
 from cold.evaluation.decoders import DecoderSpec, parse_decoder, parse_decoders
-from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
+from cold.evaluation.runner import RecordFile, fingerprint, open_run_dir, run_decoders
 from cold.tasks.extract import extract, is_correct, normalize_gold, normalize_number
 from cold.tasks.prompts import EXEMPLARS, make_style
 from cold.tasks.readers import TASKS, Problem, data_root, get_task, read_jsonl, select
@@ -347,6 +348,29 @@ def test_run_dir_refuses_other_settings(tmp_path):
         open_run_dir(tmp_path, {"prompt": "few-shot", "data": "/a"}, informational=("data",))
 
 
+def test_two_runs_never_write_into_one_out(tmp_path):
+    """While one run writes into OUT, a second is refused (before the fix both stored every record)."""
+    problems = [Problem(str(i), "x" * i, str(i % 3)) for i in range(4)]
+    specs, style = parse_decoders("expert"), make_style("zero-shot")
+    refusals = []
+
+    class Meddling(_FakeEngine):  # starts a second run into the same OUT from inside the first one's batch
+        def generate(self, prompts, **kwargs):
+            with pytest.raises(ColdError, match="another run is writing into it") as refused:
+                run_decoders(_FakeEngine(), problems, specs, style, "number", open_run_dir(tmp_path, {"x": 1}),
+                             max_new_tokens=8, batch_size=4)
+            refusals.append(refused)
+            return super().generate(prompts, **kwargs)
+
+    with open_run_dir(tmp_path, {"x": 1}) as first:
+        results, generated = run_decoders(Meddling(), problems, specs, style, "number", first, max_new_tokens=8, batch_size=4)
+    assert len(refusals) == 1 and generated == {"expert": 4}
+    assert len((tmp_path / "records" / "expert.jsonl").read_text().splitlines()) == 4
+    results, generated = run_decoders(_FakeEngine(), problems, specs, style, "number", open_run_dir(tmp_path, {"x": 1}),
+                                      max_new_tokens=8, batch_size=4)
+    assert generated == {"expert": 0}  # the lock went with the first run
+
+
 # ---- the command, end to end -----------------------------------------------------------------
 
 
@@ -359,6 +383,23 @@ def tiny_lora(tiny, tmp_path_factory):
 
 def _eval(*args):
     return runner.invoke(app, ["eval", *map(str, args)])
+
+
+def test_an_eval_that_fails_on_its_adapter_leaves_nothing_and_runs_once_it_is_fixed(tiny_dir, tiny_lora, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    adapter, out = tmp_path / "adapter", tmp_path / "run"
+    shutil.copytree(tiny_lora, adapter)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    args = ["--task", "jsonl", "--data", data, "--model", tiny_dir, "--adapter", adapter, "--decoders", "expert",
+            "-n", 2, "--out", out]
+    broken = _eval(*args)
+    assert broken.exit_code == 2 and "corrupt or unreadable" in broken.output and not out.exists()
+    (adapter / "adapter_model.safetensors").write_bytes(weights)  # fixed in place
+    fixed = _eval(*args)
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads((out / "run.json").read_text())["adapter_sha1"] == fingerprint(adapter)
 
 
 @needs_data

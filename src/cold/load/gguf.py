@@ -107,6 +107,16 @@ def _gguf_cache_key(gguf: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
+def _check_readable(gguf: Path) -> None:
+    """ColdError unless `gguf` is a GGUF file: checked before anything is written to the cache."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as exc:
+        raise ColdError(f"cannot read GGUF file {gguf}: {exc}") from None
+
+
 def _gguf_bos_eos_flags(gguf: Path) -> dict[str, bool]:
     """The GGUF's `tokenizer.ggml.add_bos_token` / `add_eos_token`, where it states them.
 
@@ -143,6 +153,7 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
         except Exception as exc:  # an unsupported architecture or quantisation type
             raise ColdError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
 
+    _check_readable(gguf)
     return _build_once(converted_dir(gguf, dtype), gguf, write)
 
 
@@ -150,6 +161,7 @@ def gguf_metadata(gguf: Path) -> Path:
     """A directory with a GGUF's config.json, generation_config.json and tokenizer, without its
     weights (written once into the cache): what an engine that runs the GGUF itself (llama.cpp) needs."""
     target = cache_dir() / "gguf-metadata" / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
+    _check_readable(gguf)
     return _build_once(target, gguf, lambda directory: _write_metadata(gguf, directory, torch.float32))
 
 
