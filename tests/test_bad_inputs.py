@@ -352,6 +352,14 @@ CLI_CASES = [
     (SERVE + " --device nonsense", "--device"),
     (SERVE + " --engine llamacpp --device cuda", "llamacpp"),
     (SERVE + " --engine vllm --kv-dtype bfloat16", "kv"),
+    (SERVE + " --alias x-cold", "expected ID=MODEL:FIELD=VALUE"),
+    (SERVE + " --alias x-cold=x:beta", "is not FIELD=VALUE"),
+    (SERVE + " --alias a=x --alias a=x", "given twice"),
+    (SERVE + " --alias x-cold=nope:beta=1", "'nope' is not a served model id"),
+    (SERVE + " --alias x-cold=x:beta=-1", "beta must be in"),
+    (SERVE + " --alias x-cold=x:colour=blue", "unrecognized request argument: colour"),
+    (SERVE + " --alias x=x:beta=1", "clashes with a served model id"),
+    (SERVE + " --alias x-cold=x:score=best", "score"),
 ]
 CLI_CASES = [c for c in CLI_CASES if c[1] is not None]
 
@@ -463,6 +471,22 @@ HTTP_CASES = [
     (b"\xff\xfe", 400, "JSON"),
     ("text/plain", 415, "application/json"),
     (b"x" * 5000, 413, "larger"),
+    (_completion(logprobs=2), 400, "logprobs is not supported by this server on generated tokens"),
+    (_completion(echo=True, logprobs=21, max_tokens=1), 400, "logprobs must be in [0, 20]"),
+    (_completion(echo=True, logprobs=-1, max_tokens=1), 400, "logprobs must be in [0, 20]"),
+    (_completion(echo=True, logprobs=1, max_tokens=5), 400, "max_tokens must be 0 or 1"),
+    (_completion(echo=True, logprobs=1, max_tokens=1, stream=True), 400, "cannot be streamed"),
+    (_completion(echo=True, logprobs=1, max_tokens=1, n=2), 400, "n = 1"),
+    (_completion(echo=True, logprobs=1, max_tokens=1, prompt=[10**9]), 400, "vocabulary"),
+    (_completion(score="cold"), 400, "score applies to scoring a prompt"),
+    (_completion(echo=True, logprobs=1, max_tokens=1, score="best"), 400, "score"),
+    (("/tokenize", {}), 400, "either prompt or messages"),
+    (("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}), 400, "either prompt or messages"),
+    (("/tokenize", {"prompt": 5}), 400, "prompt"),
+    (("/tokenize", {"prompt": "x", "model": "nope"}), 404, "nope"),
+    (("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}), 400, "wizard"),
+    (("/detokenize", {"tokens": [-1]}), 400, "vocabulary"),
+    (("/detokenize", {"tokens": "abc"}), 400, "tokens"),
 ]
 
 
@@ -477,11 +501,13 @@ def server(engine):
 
 @pytest.mark.parametrize("body,status,message", HTTP_CASES, ids=[f"{i:02d}" for i in range(len(HTTP_CASES))])
 def test_http_api(server, body, status, message):
-    headers = {"Content-Type": "application/json"}
+    headers, path = {"Content-Type": "application/json"}, "/v1/completions"
+    if isinstance(body, tuple):
+        path, body = body
     if body == "text/plain":
         body, headers = json.dumps(_completion()).encode(), {"Content-Type": "text/plain"}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(server.url + "/v1/completions", content=content, headers=headers, timeout=30)
+    response = httpx.post(server.url + path, content=content, headers=headers, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error

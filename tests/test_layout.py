@@ -20,7 +20,8 @@ FRONT_ENDS = {
     "training": {"tasks"},
     "bench": {"tasks", "llamacpp"},
     "serve": {"vllm"},
-    "cli": {"tasks", "vllm", "llamacpp", "evaluation", "training", "bench", "serve"},
+    "lm_eval": set(),
+    "cli": {"tasks", "vllm", "llamacpp", "evaluation", "training", "bench", "serve", "lm_eval"},
 }
 
 

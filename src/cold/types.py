@@ -39,3 +39,13 @@ class StreamEvent:
     token_ids: list[int]  # ids produced since the last event of this prompt
     finish_reason: str | None = None  # set on the prompt's last event
     amateur_steps: int | None = None  # on the last event of a CoLD prompt: steps that needed the amateur
+
+
+@dataclass
+class SequenceLogprobs:
+    """How likely a decoder finds a token sequence (`Engine.logprobs`)."""
+
+    token_ids: list[int]
+    token_logprobs: list[float | None]  # [n]: log p(token i | the tokens before it); None for the first
+    top_logprobs: list[list[tuple[int, float]]]  # [n + 1]: the best (id, log p) predicting token i ([] for
+    #                                               the first), and last those for the token after the sequence

@@ -4,6 +4,7 @@
     serve.py     `cold serve`: the OpenAI-compatible HTTP server
     bench.py     `cold bench`: decode speed of CoLD and its baselines (the machinery: cold.bench)
     train.py     `cold train`: train a LoRA adapter (cold.training)
+    lm_eval.py   `cold lm-eval`: lm-evaluation-harness with the model `cold` (cold.lm_eval)
     eval.py      `cold eval`: several decoders on a task's problems, accuracy side by side (cold.evaluation)
     tune.py      `cold tune`: choose alpha, beta and the LoRA scale on a tuning split
     eval_run.py  what eval and tune share: their options, the problems, the run directory, the records
@@ -20,6 +21,7 @@ import typer
 from cold.cli.bench import bench_command
 from cold.cli.eval import eval_command
 from cold.cli.generate import generate
+from cold.cli.lm_eval import lm_eval_command
 from cold.cli.serve import serve
 from cold.cli.train import train
 from cold.cli.tune import tune_command
@@ -43,3 +45,5 @@ app.command("bench")(bench_command)
 app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("tune")(tune_command)
+app.command("lm-eval", add_help_option=False,
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(lm_eval_command)

@@ -40,6 +40,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Refuse larger request bodies with 413.")] = 1 << 20,
     body_timeout: Annotated[float, typer.Option(help="Seconds a client has to send its whole request body; slower ones get 408.")] = 30.0,
     max_connections: Annotated[int, typer.Option(help="Open connections and requests at most; beyond that new requests get 503.")] = 1024,
+    alias: Annotated[Optional[list[str]], typer.Option(help="Another model id for a served one with request fields preset, as ID=MODEL:FIELD=VALUE,...; e.g. gsm8k-cold=gsm8k:decoder=cold,alpha=0.1,beta=0.5,score=cold (for clients that send no extra fields, such as lm-eval's log-likelihoods). Repeat for several.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
@@ -103,6 +104,7 @@ def serve(
             model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
             max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
             max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_connections=max_connections,
+            aliases=parse_alias_specs(alias or []),
         )
         app = create_app(backend, config)
         ids = ", ".join([config.model_name, *backend.adapter_names])
@@ -111,6 +113,37 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), limit_concurrency=config.max_connections)
     finally:
         backend.close()
+
+
+def parse_alias_specs(specs: list[str]) -> dict[str, tuple[str, dict]]:
+    """`ID=MODEL:FIELD=VALUE,...` -> {ID: (MODEL, {FIELD: value})}; numbers become numbers, true/false booleans."""
+    aliases: dict[str, tuple[str, dict]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        target, _, fields = rest.partition(":")
+        if not name or not target:
+            raise ColdError(f"--alias {spec!r}: expected ID=MODEL:FIELD=VALUE,... (e.g. gsm8k-cold=gsm8k:decoder=cold,beta=1)")
+        if name in aliases:
+            raise ColdError(f"--alias {name!r} is given twice")
+        settings = {}
+        for item in filter(None, fields.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ColdError(f"--alias {spec!r}: {item!r} is not FIELD=VALUE")
+            settings[key] = _value(value)
+        aliases[name] = (target, settings)
+    return aliases
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _check_address(host: str, port: int) -> None:

@@ -23,9 +23,13 @@ from cold.load.models import DEFAULT_MODEL, BaseModel, load_base, pick_dtype
 from cold.load.prompts import Prompt, check_fits, encode_prompt
 from cold.params import DecodeParams
 from cold.runner.model_runner import DEFAULT_COBATCH_STEPS, ModelRunner
-from cold.types import Generation, Request, StreamEvent
+from cold.runner.rows import layout_of
+from cold.sampling.scoring import OUTSIDE_PENALTY, cold_log_probs
+from cold.types import Generation, Request, SequenceLogprobs, StreamEvent
 
-__all__ = ["Engine", "Generation", "Prompt", "Request", "StreamEvent"]
+__all__ = ["Engine", "Generation", "Prompt", "Request", "SequenceLogprobs", "StreamEvent"]
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives `logprobs` returns per position (the OpenAI API's limit)
 
 
 class Engine:
@@ -178,6 +182,55 @@ class Engine:
     def stream(self, prompts, params: DecodeParams | None = None, *, chat: bool = False, **overrides) -> Iterator[StreamEvent]:
         """Like `generate`, but yields text as it is produced."""
         return self.run(self.make_requests(prompts, params, chat, overrides))
+
+    def logprobs(self, sequences: Sequence[Sequence[int]], params: DecodeParams | None = None, *, top: int = 0,
+                 penalty: float = OUTSIDE_PENALTY, batch_size: int = 4, **overrides) -> list[SequenceLogprobs]:
+        """How likely a decoder finds token sequences: each token given those before it, and the `top`
+        most likely tokens at each position and after the last (keyword arguments override `params`).
+
+        decoder "expert" or "base": the log-softmax of that model's logits. "cold": the CoLD score's
+        (alpha, beta, scoring and the amateur of `params`), by `cold.sampling.scoring.cold_log_probs`:
+        inside the plausible set the log-softmax of the score over it, outside it the expert's own
+        log-probability minus `penalty`. Sequences run `batch_size` at a time, in one forward pass each.
+        """
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ColdError(f"top must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+        if batch_size < 1:
+            raise ColdError(f"batch_size must be >= 1, got {batch_size}")
+        params = (params or DecodeParams()).with_(**{"max_new_tokens": 1, **overrides})
+        sequences = [list(s) for s in sequences]
+        vocab = self.runner.vocab_size
+        for ids in sequences:
+            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ColdError(f"a sequence must be a non-empty list of token ids in 0..{vocab - 1}")
+        requests = [self.make_request(ids, params) for ids in sequences]
+        out: list[SequenceLogprobs] = []
+        with torch.inference_mode():
+            for start in range(0, len(requests), batch_size):
+                out += self._batch_logprobs(requests[start : start + batch_size], top, penalty)
+        return out
+
+    def _batch_logprobs(self, requests: list[Request], top: int, penalty: float) -> list[SequenceLogprobs]:
+        layout = layout_of(requests, self.device)
+        ids = [r.prompt_ids for r in requests]
+        logits = self.runner.sequence_logits(ids, layout)  # [R, L, V]
+        results = []
+        for seq, request in enumerate(requests):
+            n, params = len(request.prompt_ids), request.params
+            expert = logits[layout.expert_row[seq], -n:]  # [n, V]: position i predicts token i + 1
+            if params.contrastive:
+                amateur = logits[layout.amateur_row[seq], -n:]
+                full = lambda t: torch.full((n,), t, device=expert.device)  # noqa: E731
+                lp = cold_log_probs(expert, amateur, full(params.alpha), full(params.beta), params.scoring, penalty)
+            else:
+                lp = torch.log_softmax(expert, dim=-1)
+            targets = torch.tensor(request.prompt_ids[1:], device=lp.device)
+            chosen = lp[:-1].gather(-1, targets[:, None])[:, 0].tolist() if n > 1 else []
+            best = lp.topk(top, dim=-1) if top else None
+            tops = ([list(zip(i.tolist(), v.tolist())) for v, i in zip(best.values, best.indices)] if best is not None
+                    else [[] for _ in range(n)])
+            results.append(SequenceLogprobs(request.prompt_ids, [None, *chosen], [[], *tops]))
+        return results
 
     def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         """Decode prepared requests; beam search when they ask for it (all or none)."""

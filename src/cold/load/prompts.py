@@ -10,12 +10,12 @@ from cold.errors import ColdError
 Prompt = str | Sequence[int]  # text, or already tokenised ids
 
 
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """The chat template applied to `messages`, ending with the assistant's turn."""
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat template applied to `messages`, ending with the assistant's turn (unless not `add_generation_prompt`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ColdError("this model's tokenizer has no chat template: give it plain text "
                         "(cold generate without --chat; cold eval / cold tune --prompt zero-shot or few-shot)")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

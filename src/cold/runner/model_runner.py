@@ -123,6 +123,19 @@ class ModelRunner:
         finally:
             self.rows.clear()
 
+    def sequence_logits(self, sequences: Sequence[Sequence[int]], layout: RowLayout) -> torch.Tensor:
+        """Next-token logits at every position of every row's sequence (`sequences[seq]` of its row's
+        sequence), in one pass without a cache: [R, L, V] float32, left-padded to the longest
+        sequence (L columns), column j predicting column j + 1."""
+        ids, mask, positions = left_pad([list(sequences[r.seq]) for r in layout.rows], self.pad_id, self.device)
+        self._route(layout)
+        try:
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state
+            return self._softcap(self.model.get_output_embeddings()(hidden).float())
+        finally:
+            self.rows.clear()
+
     def _route(self, layout: RowLayout) -> None:
         self.rows.assign(layout.adapter, layout.scale, layout.single_adapter, layout.adapted_span)
 

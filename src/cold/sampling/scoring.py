@@ -17,6 +17,10 @@ import torch
 from cold.params import SCORING_FORMS
 
 NEG_INF = float("-inf")
+# Nats below the expert's own log-probability that a token outside the plausible set is given
+# when CoLD scores a text (`cold_log_probs`): finite, ordered as the expert orders them, and below
+# what the same token would score inside the set.
+OUTSIDE_PENALTY = 10.0
 
 
 def plausibility_threshold(expert: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -67,6 +71,23 @@ def contrastive_scores_by_form(
         idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=expert.device)
         out[idx] = contrastive_scores(expert[idx], amateur[idx], None, beta[idx], form, valid[idx])
     return out
+
+
+def cold_log_probs(
+    expert: torch.Tensor, amateur: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, form: str = "logit",
+    penalty: float = OUTSIDE_PENALTY,
+) -> torch.Tensor:
+    """[S, V] float32 log-probabilities of CoLD's score, finite for every token, to score a given text.
+
+    Inside the plausibility mask: the log-softmax of the CoLD score over the mask (what greedy and
+    sampled CoLD decoding choose from). Outside it, where decoding gives -inf: the expert's own
+    log-probability minus `penalty`, so that a text with one implausible token is not impossible
+    (a multiple-choice question whose every answer leaves the mask would otherwise tie at -inf)
+    and implausible tokens keep the expert's order among themselves.
+    """
+    valid = plausibility_mask(expert, alpha)
+    inside = torch.log_softmax(contrastive_scores(expert, amateur, None, beta, form, valid).float(), dim=-1)
+    return torch.where(valid, inside, torch.log_softmax(expert.float(), dim=-1) - penalty)
 
 
 def apply_temperature(score: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@
     app = create_app(VllmBackend.load("smollm2", {...}), ServerConfig())     # CoLD inside vLLM
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. The model id picks the network: an adapter's name decodes with that adapter as
+Endpoints: POST /v1/completions (also scoring a prompt: echo with logprobs), POST
+/v1/chat/completions, GET /v1/models, GET /health, GET /metrics, and vLLM's POST /tokenize,
+POST /detokenize and GET /tokenizer_info (lm-eval's remote tokenizer). The model id picks the network: an adapter's name decodes with that adapter as
 the expert (decoder "cold" by default), the base model's name (or "base") decodes with the
 base model alone (decoder "base" by default). CoLD fields `decoder`, `alpha`, `beta`,
 `scoring`, `top_k`, `expert_scale`, `amateur` and `amateur_scale` ride along in the JSON body.
@@ -29,7 +30,8 @@ import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,6 +47,8 @@ from cold.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_messages,
     decode_params,
     parse,
@@ -73,6 +77,10 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
     max_n: int = 16  # choices per request
     body_timeout_s: float = 30.0  # a request body not received in full within this: 408
+    # model ids that stand for a served adapter (or the base model's id) with request fields preset:
+    # {"gsm8k-cold": ("gsm8k", {"decoder": "cold", "alpha": 0.1, "beta": 0.5, "score": "cold"})}. A
+    # request's own fields win. For clients that send no extra fields (lm-eval's log-likelihoods).
+    aliases: dict[str, tuple[str, dict]] = field(default_factory=dict)
     max_connections: int = 1024  # open connections and requests; beyond: 503 (uvicorn's limit_concurrency, set by `cold serve`)
 
 
@@ -92,6 +100,7 @@ def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
     clash = {config.model_name, BASE_ALIAS} & set(backend.adapter_names)
     if clash:
         raise ColdError(f"adapter name {clash.pop()!r} clashes with the base model's id; rename the adapter")
+    _check_aliases(config, backend)
     metrics = Metrics()
     worker = backend.worker(max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics)
     server = _Server(backend, config, worker, metrics)
@@ -104,6 +113,7 @@ def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
             yield
         finally:
             await asyncio.to_thread(worker.stop)
+            server.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cold", description="OpenAI-compatible API over Contrastive LoRA Decoding",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -113,6 +123,9 @@ def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", server.tokenizer_info, methods=["GET"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
@@ -120,7 +133,8 @@ def create_app(backend, config: ServerConfig | None = None) -> FastAPI:
         return _error_response(request, ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
 
     app.add_middleware(_CountRequests, metrics=metrics, paths={"/v1/completions", "/v1/chat/completions",
-                                                                 "/v1/models", "/health", "/metrics"})
+                                                                 "/v1/models", "/health", "/metrics", "/tokenize",
+                                                                 "/detokenize", "/tokenizer_info"})
     return app
 
 
@@ -161,6 +175,12 @@ class _Server:
         self.metrics = metrics
         self.created = int(time.time())
         self.max_n = min(config.max_n, backend.max_n or config.max_n)
+        # one thread tokenises (and renders chat templates) for every request: off the event loop, so a
+        # large prompt stalls no stream; one, because a tokenizer is not made to be used from several at once
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="cold-tokenize")
+
+    async def _tokenizing(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, function, *args)
 
     # ---- endpoints ----------------------------------------------------------------------
 
@@ -168,7 +188,9 @@ class _Server:
     async def completions(self, request: Request) -> Response:
         body, params = await self._accept(request, CompletionRequest)
         self._check_room(_prompt_count(body.prompt), body.n or 1)
-        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)  # tokenising: off the event loop
+        prompts = await self._tokenizing(self._completion_prompts, body.prompt)
+        if body.scores_prompt:
+            return await self._score(request, body, prompts, params)
         return await self._generate(request, "completion", body, prompts, params, body.max_tokens, bool(body.echo))
 
     @_guarded
@@ -179,7 +201,7 @@ class _Server:
             raise ApiError(400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens",
                            code="invalid_value")
         self._check_room(1, body.n or 1)
-        prompt = await asyncio.to_thread(self._chat_prompt, chat_messages(body))
+        prompt = await self._tokenizing(self._chat_prompt, chat_messages(body))
         return await self._generate(request, "chat", body, [prompt], params, max_tokens, echo=False)
 
     @_guarded
@@ -188,6 +210,7 @@ class _Server:
         card = lambda id_, parent: {"id": id_, "object": "model", "created": self.created,  # noqa: E731
                                     "owned_by": "cold", "root": id_, "parent": parent}
         data = [card(self.config.model_name, None)] + [card(a, self.config.model_name) for a in self.backend.adapter_names]
+        data += [{**card(alias, target), "settings": settings} for alias, (target, settings) in self.config.aliases.items()]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
@@ -202,12 +225,53 @@ class _Server:
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @_guarded
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize (vLLM's shape): {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"}."""
+        self._authorize(request)
+        body = parse(TokenizeRequest, await self._read_body(request))
+        if body.model is not None:
+            self._resolve_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt", code="invalid_value")
+        tokenizer = self.backend.tokenizer
+
+        def tokens() -> list[int]:
+            if body.prompt is not None:
+                return tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+            messages = chat_messages(ChatRequest(model="", messages=body.messages))
+            return self._chat_prompt(messages, body.add_generation_prompt).ids
+
+        ids = await self._tokenizing(tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": self.backend.context_length, "tokens": ids,
+                             "token_strs": None})
+
+    @_guarded
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize (vLLM's shape): {"tokens"} -> {"prompt"}."""
+        self._authorize(request)
+        body = parse(DetokenizeRequest, await self._read_body(request))
+        if body.model is not None:
+            self._resolve_model(body.model)
+        self._check_vocabulary(body.tokens, "tokens")
+        return JSONResponse({"prompt": await self._tokenizing(self.backend.tokenizer.decode, body.tokens)})
+
+    @_guarded
+    async def tokenizer_info(self, request: Request) -> Response:
+        """GET /tokenizer_info (vLLM's shape): the special tokens and chat template, for clients that tokenize remotely."""
+        self._authorize(request)
+        tokenizer = self.backend.tokenizer
+        return JSONResponse({"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                             "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                             "chat_template": getattr(tokenizer, "chat_template", None),
+                             "model_max_length": self.backend.context_length})
+
     # ---- request checks -----------------------------------------------------------------
 
     async def _accept(self, request: Request, kind: type) -> tuple:
         """The checked body of a generation request and its DecodeParams (ApiError when refused)."""
         self._authorize(request)
-        body = parse(kind, await self._read_body(request))
+        body = _with_alias(parse(kind, await self._read_body(request)), self.config.aliases)
         adapter = self._resolve_model(body.model)
         self._refuse(body)
         return body, decode_params(body, adapter)
@@ -258,12 +322,13 @@ class _Server:
         return b"".join(chunks)
 
     def _resolve_model(self, model: str) -> str | None:
-        """The adapter a model id selects (None: the base model); 404 for ids not served."""
+        """The adapter a model id (or an alias's target) selects (None: the base model); 404 for ids not served."""
+        model = self.config.aliases.get(model, (model, None))[0]
         if model in (self.config.model_name, BASE_ALIAS):
             return None
         if model in self.backend.adapter_names:
             return model
-        served = ", ".join([self.config.model_name, *self.backend.adapter_names])
+        served = ", ".join([self.config.model_name, *self.backend.adapter_names, *self.config.aliases])
         raise ApiError(404, f"the model {model!r} does not exist on this server; served models: {served}",
                        param="model", code="model_not_found")
 
@@ -288,20 +353,23 @@ class _Server:
             if isinstance(p, str):
                 out.append(_Prompt(self.backend.encode(p), p))
             else:
-                vocab = self.backend.vocab_size
-                bad = [t for t in p if not 0 <= t < vocab]
-                if bad:
-                    raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt", code="invalid_value")
+                self._check_vocabulary(p, "prompt")
                 out.append(_Prompt(list(p), self.backend.tokenizer.decode(p)))
         return out
 
-    def _chat_prompt(self, messages: list[dict]) -> _Prompt:
+    def _check_vocabulary(self, ids: list[int], param: str) -> None:
+        vocab = self.backend.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"{param} token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                           param=param, code="invalid_value")
+
+    def _chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> _Prompt:
         tokenizer = self.backend.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", code="invalid_value")
         try:
-            text = chat_text(tokenizer, messages)
+            text = chat_text(tokenizer, messages, add_generation_prompt)
         except Exception as exc:  # jinja raises for conversations the template refuses
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages",
                            code="invalid_value") from None
@@ -330,6 +398,55 @@ class _Server:
                 seed = (params.seed + j) % 2**63 if params.seed is not None else None
                 requests.append(self.backend.make_request(prompt.ids, params.with_(max_new_tokens=new, seed=seed)))
         return requests
+
+    # ---- scoring (echo with logprobs) ---------------------------------------------------
+
+    async def _score(self, request: Request, body, prompts: list[_Prompt], params) -> Response:
+        """Each prompt echoed with its tokens' log-probabilities (and, with max_tokens 1, the best next
+        token's): the expert's by default, CoLD's with `score: "cold"`, the base model's on its id."""
+        if not self.backend.scores_prompts:
+            raise ApiError(400, f"echo with logprobs is not offered by --engine {self.backend.name}", param="echo",
+                           code="unsupported_parameter")
+        if params.decoder != "base":
+            params = params.with_(decoder=body.score or "expert")
+        extra = body.max_tokens or 0
+        top = max(body.logprobs or 0, extra)  # the best next token is the first alternative
+        context = self.backend.context_length
+        for prompt in prompts:
+            if len(prompt.ids) + extra > context:
+                raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; this model's context is {context} tokens",
+                               param="prompt", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        jobs = [Job(request=self.backend.make_score_request(p.ids, params, top), index=i,
+                    deliver=lambda item, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, item)))
+                for i, p in enumerate(prompts)]
+        try:
+            self.worker.submit(jobs)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), code="queue_full") from None
+        scored: list = [None] * len(jobs)
+        watcher = asyncio.create_task(_watch_disconnect(request, queue))
+        try:
+            for _ in jobs:
+                index, item = await queue.get()
+                if item is _DISCONNECTED:
+                    self.metrics.disconnects.inc()
+                    return Response(status_code=CLIENT_CLOSED)
+                if isinstance(item, JobFailed):
+                    return _error_response(request, _job_error(item), logged=True)
+                scored[index] = item
+        finally:
+            watcher.cancel()
+            self.worker.cancel(jobs)
+        tokenizer = self.backend.tokenizer
+        choices = [_scored_choice(i, s, body.logprobs or 0, extra, tokenizer) for i, s in enumerate(scored)]
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": extra * len(prompts),
+                 "total_tokens": prompt_tokens + extra * len(prompts)}
+        return JSONResponse({"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                             "model": body.model, "choices": choices, "usage": usage})
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -492,6 +609,47 @@ class _Call:
                 choice["token_ids"] = ids
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+
+def _with_alias(body, aliases: dict[str, tuple[str, dict]]):
+    """The body with its model id's preset fields filled in where the request leaves them out."""
+    if body.model not in aliases:
+        return body
+    settings = {k: v for k, v in aliases[body.model][1].items() if k != "score" or getattr(body, "scores_prompt", False)}
+    return body.model_copy(update={k: v for k, v in settings.items() if k in type(body).model_fields and getattr(body, k) is None})
+
+
+def _check_aliases(config: ServerConfig, backend) -> None:
+    """ColdError for an alias that clashes with a served id, points at no served model, or presets a bad field."""
+    served = {config.model_name, BASE_ALIAS, *backend.adapter_names}
+    for alias, (target, settings) in config.aliases.items():
+        if alias in served:
+            raise ColdError(f"alias {alias!r} clashes with a served model id; choose another name")
+        if target not in served:
+            raise ColdError(f"alias {alias!r}: {target!r} is not a served model id ({', '.join(sorted(served))})")
+        try:
+            body = parse(CompletionRequest, json.dumps({**settings, "model": target, "prompt": "x"}).encode())
+            decode_params(body, None if target in (config.model_name, BASE_ALIAS) else target)
+        except ApiError as exc:
+            raise ColdError(f"alias {alias!r}: {exc.message}") from None
+
+
+def _scored_choice(index: int, scored, alternatives: int, extra: int, tokenizer) -> dict:
+    """One choice of a scored prompt in the OpenAI shape: the prompt's tokens (and `extra` = 1 best next
+    token) with their log-probabilities, the best `alternatives` at each position, and text offsets."""
+    ids, chosen, tops = list(scored.token_ids), list(scored.token_logprobs), list(scored.top_logprobs[:-1])
+    if extra:
+        best_id, best = scored.top_logprobs[-1][0]
+        ids, chosen, tops = ids + [best_id], chosen + [best], tops + [scored.top_logprobs[-1]]
+    pieces = [tokenizer.decode([t]) for t in ids]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    top_logprobs = [None] + [{**{tokenizer.decode([t]): lp for t, lp in top[:alternatives]}, pieces[i]: chosen[i]}
+                             for i, top in enumerate(tops) if i > 0]
+    return {"index": index, "text": tokenizer.decode(ids), "finish_reason": "length",
+            "logprobs": {"tokens": pieces, "token_logprobs": chosen, "top_logprobs": top_logprobs, "text_offset": offsets}}
 
 
 def _prompt_count(prompt) -> int:

@@ -51,6 +51,16 @@ class Job:
 
 
 @dataclass
+class ScoreRequest:
+    """A prompt to score rather than continue (echo with logprobs): the decode thread answers it with
+    its `cold.types.SequenceLogprobs`."""
+
+    prompt_ids: list[int]
+    params: object  # the DecodeParams of the decoder whose log-probabilities are reported
+    top: int  # alternatives per position
+
+
+@dataclass
 class JobFailed:
     message: str
     status: int = 500  # the HTTP status to answer with: 500 decoder failure, 503 shutting down
@@ -63,6 +73,7 @@ class Backend:
     name = ""  # "cold" or "vllm": /health's "engine"
     max_n: int | None = None  # the most choices per request it offers (None: as ServerConfig.max_n)
     token_ids_in_choices = False  # non-streaming choices carry their generated "token_ids"
+    scores_prompts = False  # it answers `ScoreRequest`s (echo with logprobs)
 
     tokenizer = None  # a transformers tokenizer (chat template, decode)
     adapter_names: list[str] = []  # served model ids besides the base model
@@ -78,6 +89,10 @@ class Backend:
 
     def make_request(self, prompt_ids: list[int], params) -> object:
         """The request one job decodes (with `prompt_ids`); ColdError for parameters it cannot decode."""
+        raise NotImplementedError
+
+    def make_score_request(self, prompt_ids: list[int], params, top: int) -> ScoreRequest:
+        """A checked `ScoreRequest` (where `scores_prompts`); ColdError for parameters it cannot score with."""
         raise NotImplementedError
 
     def worker(self, max_batch: int, max_queue: int, metrics: Metrics) -> DecodeThread:

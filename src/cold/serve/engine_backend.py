@@ -7,7 +7,7 @@ Offers everything the app does: streaming, n > 1, expert_scale, an adapter as th
 
 from __future__ import annotations
 
-from cold.serve.backend import Backend
+from cold.serve.backend import Backend, ScoreRequest
 from cold.serve.metrics import Metrics
 from cold.serve.scheduler import Scheduler
 
@@ -19,6 +19,7 @@ class EngineBackend(Backend):
         self.engine, self.name = engine, name  # name: "cold" or "llamacpp", /health's "engine"
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.vocab_size
+        self.scores_prompts = hasattr(engine.runner, "sequence_logits")  # llama.cpp's runner keeps no logits of prompts
 
     @property
     def adapter_names(self) -> list[str]:
@@ -33,6 +34,10 @@ class EngineBackend(Backend):
 
     def make_request(self, prompt_ids: list[int], params):
         return self.engine.make_request(prompt_ids, params)
+
+    def make_score_request(self, prompt_ids: list[int], params, top: int) -> ScoreRequest:
+        self.engine.make_request(prompt_ids, params.with_(max_new_tokens=1))  # validates and resolves the adapters
+        return ScoreRequest(list(prompt_ids), params.with_(max_new_tokens=1), top)
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cold.params import DECODERS, MAX_BETA, MAX_SCALE, SCORING_FORMS, DecodeParams, amateur_fields
 
+LOGPROB_SCORES = ("expert", "cold")  # whose log-probabilities a scored prompt reports (expert: the adapted model's)
+
 
 class ApiError(Exception):
     """An error answered as OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}."""
@@ -73,6 +75,13 @@ class CompletionRequest(_Generation):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    score: Literal[LOGPROB_SCORES] | None = None  # CoLD extension: whose log-probabilities echo reports
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Scoring, not generating: echo the prompt with its log-probabilities (what lm-eval's
+        log-likelihood requests send: echo, logprobs and max_tokens 0 or 1)."""
+        return bool(self.echo) and (self.logprobs is not None or self.max_tokens == 0)
 
 
 class ContentPart(BaseModel):
@@ -107,7 +116,25 @@ class ChatRequest(_Generation):
     prompt_cache_key: str | None = None
 
 
+class TokenizeRequest(_Strict):
+    """POST /tokenize (as vLLM's): a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (as vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 MAX_STOP = 16
+MAX_LOGPROBS = 20  # top alternatives per token (the OpenAI API's limit)
 MIN_TEMPERATURE = 1e-5  # below: greedy (dividing scores by a tinier number overflows)
 MAX_TEMPERATURE = 100.0
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -162,8 +189,13 @@ def refuse_unsupported(body: _Generation, max_n: int) -> None:
     if body.logit_bias:
         refuse("logit_bias", "")
     if isinstance(body, CompletionRequest):
-        if body.logprobs is not None:
-            refuse("logprobs", "")
+        if body.logprobs is not None and not body.scores_prompt:
+            refuse("logprobs", " on generated tokens (it scores a prompt: echo=true with max_tokens 0 or 1)")
+        if body.scores_prompt:
+            _check_scoring(body)
+        elif body.score is not None:
+            raise ApiError(400, "score applies to scoring a prompt (echo=true with logprobs)", param="score",
+                           code="invalid_value")
         if body.best_of not in (None, 1) and body.best_of != body.n:
             refuse("best_of", " (only 1)")
         if body.suffix:
@@ -179,6 +211,20 @@ def refuse_unsupported(body: _Generation, max_n: int) -> None:
             refuse("response_format", " (only {\"type\": \"text\"})")
         if body.modalities is not None and body.modalities != ["text"]:
             refuse("modalities", " (only [\"text\"])")
+
+
+def _check_scoring(body: CompletionRequest) -> None:
+    """A scoring request: logprobs in range, max_tokens 0 or 1, one choice, not streamed."""
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", param="logprobs",
+                       code="invalid_value")
+    if body.max_tokens not in (0, 1):
+        raise ApiError(400, f"echo with logprobs scores the prompt and at most one more token: max_tokens must be 0 or 1, "
+                       f"got {body.max_tokens}", param="max_tokens", code="invalid_value")
+    if body.stream:
+        raise ApiError(400, "echo with logprobs cannot be streamed", param="stream", code="invalid_value")
+    if body.n not in (None, 1):
+        raise ApiError(400, "echo with logprobs gives one choice per prompt (n = 1)", param="n", code="invalid_value")
 
 
 def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
@@ -197,7 +243,7 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
         raise ApiError(400, f"top_k must be >= 0 (0 = off), got {body.top_k}", param="top_k", code="invalid_value")
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed", code="invalid_value")
-    if body.max_tokens is not None and body.max_tokens < 1:
+    if body.max_tokens is not None and body.max_tokens < 1 and not getattr(body, "scores_prompt", False):
         raise ApiError(400, f"max_tokens must be >= 1, got {body.max_tokens}", param="max_tokens", code="invalid_value")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP:

@@ -6,8 +6,9 @@
     scheduler.cancel([job, ...])      # the client went away: leave the queue / the batch
     scheduler.stop()
 
-Between decode steps the thread drops cancelled sequences, lets queued jobs join the running
-batch (up to `max_batch` live sequences), then runs one step and hands each job its new text
+Between decode steps the thread answers queued scoring jobs (`ScoreRequest`: echo with logprobs),
+drops cancelled sequences, lets queued jobs join the running batch (up to `max_batch` live
+sequences), then runs one step and hands each job its new text
 through the job's `deliver` callback (which must be thread-safe, e.g. `loop.call_soon_threadsafe`).
 The engine is never touched from any other thread while the scheduler runs.
 """
@@ -19,7 +20,7 @@ import time
 
 from cold.decoding.running import RunningBatch
 from cold.errors import ColdError
-from cold.serve.backend import DecodeThread, Job, JobFailed, QueueFull, deliver
+from cold.serve.backend import DecodeThread, Job, JobFailed, QueueFull, ScoreRequest, deliver
 from cold.serve.metrics import Metrics
 
 __all__ = ["Job", "JobFailed", "QueueFull", "Scheduler"]
@@ -60,14 +61,17 @@ class Scheduler(DecodeThread):
                     room = 0  # sliding-window caches (Gemma): queued jobs wait for the batch to finish
                 joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 self.metrics.queue_length.set(len(self._pending))
+            scoring = [j for j in joining if isinstance(j.request, ScoreRequest)]
+            joining = [j for j in joining if not isinstance(j.request, ScoreRequest)]
             try:
+                self._score(scoring)
                 self._drop(batch, gone)
                 self._join(batch, joining)
                 if self._live:
                     self._step(batch)
             except Exception as exc:  # an engine failure must not kill the server
                 log.exception("decode step failed; failing the %d running request(s)", len(self._live) + len(joining))
-                for job in [*self._live.values(), *joining]:
+                for job in [*self._live.values(), *joining, *scoring]:
                     self._fail(job, f"internal error while decoding: {type(exc).__name__}: {exc}")
                 self._live.clear()
                 reset = getattr(self.engine.runner, "reset", None)
@@ -81,6 +85,16 @@ class Scheduler(DecodeThread):
         jobs = list(self._live.values())
         self._live.clear()
         return jobs
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Answer scoring jobs (echo with logprobs) between decode steps: one forward pass each."""
+        for job in jobs:
+            if job.done:
+                continue
+            request = job.request
+            scored = self.engine.logprobs([request.prompt_ids], request.params, top=request.top)[0]
+            job.done = True
+            deliver(job, scored)
 
     def _drop(self, batch: RunningBatch, keys: list[int]) -> None:
         if not keys:
