@@ -15,6 +15,8 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -361,6 +363,15 @@ CLI_CASES = [
     (SERVE + " --alias x=x:beta=1", "clashes with a served model id"),
     (SERVE + " --alias x-cold=x:score=best", "score"),
 ]
+
+# lm-eval's own command line with the model `cold`, each in its own process (lm-eval sets up logging globally)
+LM_EVAL_CASES = [
+    ("model={tiny},adapter={lora},colour=blue", "unknown model_args for --model cold: colour"),
+    ("model={tiny},adapter={lora},score=best", "score must be one of"),
+    ("model={tiny},adapter={lora},beta=-1", "beta must be in"),
+    ("model={tiny},decoder=cold", "needs adapter=DIR"),
+    ("model={tiny},adapter={nan_alpha}", "lora_alpha must be a finite number"),
+]
 CLI_CASES = [c for c in CLI_CASES if c[1] is not None]
 
 
@@ -387,8 +398,18 @@ def test_command_line(command, message, files, unchanged, monkeypatch):
     assert message in output, output
 
 
+@pytest.mark.parametrize("model_args,message", LM_EVAL_CASES, ids=[f"{i:02d}" for i in range(len(LM_EVAL_CASES))])
+def test_lm_eval_command_line(model_args, message, files, unchanged):
+    pytest.importorskip("lm_eval", reason="the [lm-eval] extra is not installed")
+    done = subprocess.run([sys.executable, "-m", "cold.lm_eval", "--model", "cold", "--tasks", "arc_easy",
+                           "--model_args", model_args.format(**files)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-3000:]
+
+
 def test_there_are_enough_cases():
-    assert len(CLI_CASES) + len(API_CASES) + len(HTTP_CASES) >= 120
+    assert len(CLI_CASES) + len(API_CASES) + len(HTTP_CASES) + len(LM_EVAL_CASES) >= 120
 
 
 # ---- the Python API ------------------------------------------------------------------------------

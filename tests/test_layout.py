@@ -21,6 +21,7 @@ FRONT_ENDS = {
     "bench": {"tasks", "llamacpp"},
     "serve": {"vllm"},
     "lm_eval": set(),
+    "hf": set(),
     "cli": {"tasks", "vllm", "llamacpp", "evaluation", "training", "bench", "serve", "lm_eval"},
 }
 
