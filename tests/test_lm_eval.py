@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the tasks read local files; nothing is fetched (set before datasets loads)
 lm_eval = pytest.importorskip("lm_eval", reason="the [lm-eval] extra is not installed")
 
 from lm_eval import simple_evaluate  # noqa: E402
@@ -21,8 +22,6 @@ from cold.decoding.engine import Engine  # noqa: E402
 from cold.errors import ColdError  # noqa: E402
 from cold.lm_eval import ColdLM  # noqa: E402
 from conftest import make_lora  # noqa: E402
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 QUESTIONS = [
     ("What colour is the sky on a clear day?", ["blue", "green", "red"], 0),
