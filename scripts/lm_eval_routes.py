@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import free_port, wait_healthy  # noqa: E402
+from load_test import free_port, stop_server, wait_healthy  # noqa: E402
 
 from cold.load.demo import DEMO_DIR  # noqa: E402
 from cold.load.paths import data_root  # noqa: E402
@@ -134,8 +134,7 @@ def main() -> int:
                              "model cold": direct, "local-completions + cold serve": remote})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_server(server)
     (args.out / "routes.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = ["| task | adapter | decoder | metric | --model cold | local-completions + cold serve |", "|---|---|---|---|---|---|"]
     for row in rows:

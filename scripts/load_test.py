@@ -160,6 +160,23 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"the server was not healthy after {timeout:.0f} s")
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def split_server_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after `--`, which go to `cold serve`)."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,11 +202,7 @@ def print_report(report: dict, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    server_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, server_args = argv[:cut], argv[cut + 1 :]
+    argv, server_args = split_server_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to test (ignored with --start)")
     parser.add_argument("--start", action="store_true", help="start `cold serve` (args after --) on a free port first")
@@ -227,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report["failed"] == 0 else 1
     finally:
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
 
 
 if __name__ == "__main__":

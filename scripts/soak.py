@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import QUESTIONS, free_port, percentile, scrape, start_server, wait_healthy  # noqa: E402
+from load_test import (  # noqa: E402
+    QUESTIONS,
+    free_port,
+    percentile,
+    scrape,
+    split_server_args,
+    start_server,
+    stop_server,
+    wait_healthy,
+)
 
 PROBE = "Count from one to five:"
 BAD_BODIES = [  # each must be answered with a 4xx error
@@ -237,11 +245,7 @@ def print_report(report: dict, failed: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    server_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, server_args = argv[:cut], argv[cut + 1 :]
+    argv, server_args = split_server_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to soak (ignored with --start)")
     parser.add_argument("--start", action="store_true", help="start `cold serve` (args after --) on a free port first")
@@ -285,11 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
     finally:
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
 
 
 if __name__ == "__main__":

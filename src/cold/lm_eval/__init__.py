@@ -76,10 +76,9 @@ class ColdLM(TemplateLM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
             raise ColdError(f"batch_size must be >= 1, got {batch_size}")
-        amateur = {} if amateur_adapter is None else {"amateur_adapter": "amateur", "amateur_scale": float(amateur_scale)}
-        self.params = DecodeParams(decoder=decoder, adapter="expert" if adapter else None, alpha=float(alpha),
-                                   beta=float(beta), scoring=scoring, expert_scale=float(expert_scale),
-                                   **amateur).validate()
+        amateur = {} if amateur_adapter is None else {"amateur_adapter": "amateur", "amateur_scale": amateur_scale}
+        self.params = DecodeParams(decoder=decoder, adapter="expert" if adapter else None, alpha=alpha, beta=beta,
+                                   scoring=scoring, expert_scale=expert_scale, **amateur).validate()
         self.score = score
         self.penalty = float(penalty)
         from cold.decoding.engine import Engine  # torch: only once the model is asked for
@@ -91,8 +90,8 @@ class ColdLM(TemplateLM):
         self.engine = Engine.load(model, adapters, device="auto" if device in ("cuda", "cuda:0") else device or "cpu",
                                   dtype=dtype)
         self.tokenizer = self.engine.tokenizer
-        self._max_length = int(max_length) if max_length else self.engine.context_length - 1
-        self._model_name = model
+        # a scored sequence is at most max_length + 1 tokens, and the engine keeps room for one more
+        self._max_length = int(max_length) if max_length else self.engine.context_length - 2
 
     # ---- what lm-eval asks of a model --------------------------------------------------------------
 

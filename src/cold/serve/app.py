@@ -228,10 +228,7 @@ class _Server:
     @_guarded
     async def tokenize(self, request: Request) -> Response:
         """POST /tokenize (vLLM's shape): {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"}."""
-        self._authorize(request)
-        body = parse(TokenizeRequest, await self._read_body(request))
-        if body.model is not None:
-            self._resolve_model(body.model)
+        body = await self._tokenizer_body(request, TokenizeRequest)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", param="prompt", code="invalid_value")
         tokenizer = self.backend.tokenizer
@@ -249,12 +246,17 @@ class _Server:
     @_guarded
     async def detokenize(self, request: Request) -> Response:
         """POST /detokenize (vLLM's shape): {"tokens"} -> {"prompt"}."""
-        self._authorize(request)
-        body = parse(DetokenizeRequest, await self._read_body(request))
-        if body.model is not None:
-            self._resolve_model(body.model)
+        body = await self._tokenizer_body(request, DetokenizeRequest)
         self._check_vocabulary(body.tokens, "tokens")
         return JSONResponse({"prompt": await self._tokenizing(self.backend.tokenizer.decode, body.tokens)})
+
+    async def _tokenizer_body(self, request: Request, kind: type):
+        """The checked body of a /tokenize or /detokenize request (its optional model id must be served)."""
+        self._authorize(request)
+        body = parse(kind, await self._read_body(request))
+        if body.model is not None:
+            self._resolve_model(body.model)
+        return body
 
     @_guarded
     async def tokenizer_info(self, request: Request) -> Response:
