@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_test import free_port, stop_server, wait_healthy  # noqa: E402
 
 from cold.load.demo import DEMO_DIR  # noqa: E402
+from cold.load.models import resolve_model_dir  # noqa: E402
 from cold.load.paths import data_root  # noqa: E402
 
 COIN_FLIP = """task: cold_coin_flip
@@ -119,8 +120,7 @@ def main() -> int:
         serve += ["--adapter", f"{adapter_id}={path}"]
         for label, settings in DECODERS.items():
             serve += ["--alias", f"{adapter_id}-{label.lower()}={adapter_id}:{settings}"]
-    log = open(args.out / "server.log", "w")
-    server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(serve, stdout=(args.out / "server.log").open("w"), stderr=subprocess.STDOUT)
     rows = []
     try:
         wait_healthy(url, server, timeout=600)
@@ -128,8 +128,12 @@ def main() -> int:
             for label, settings in DECODERS.items():
                 direct = run("cold", f"adapter={adapters[adapter_id]},dtype=float32,{settings}", task, tasks_dir,
                              args.limit, chat)
+                # lm-eval 0.4.13's remote tokenizer cannot apply a chat template (it sends the messages to
+                # /tokenize as they are): chat tasks tokenise on the client, with the served model's tokenizer
+                tokenizer = f"tokenizer_backend=huggingface,tokenizer={resolve_model_dir('smollm2')}" if chat else \
+                    "tokenizer_backend=remote"
                 remote = run("local-completions", f"model={adapter_id}-{label.lower()},base_url={url}/v1/completions,"
-                             "tokenizer_backend=remote,num_concurrent=8,max_retries=1", task, tasks_dir, args.limit, chat)
+                             f"{tokenizer},num_concurrent=8,max_retries=1", task, tasks_dir, args.limit, chat)
                 rows.append({"task": task, "adapter": f"smollm2-{adapter_id}", "decoder": label,
                              "model cold": direct, "local-completions + cold serve": remote})
                 print(json.dumps(rows[-1]), flush=True)
