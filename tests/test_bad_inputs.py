@@ -430,6 +430,10 @@ API_CASES = [
     (dict(prompts=[" ".join(["word"] * 200)]), "context"),
     (dict(prompts=["hi"], num_beams=0), "num_beams"),
     (dict(prompts=["hi"], top_p=2.0), "top_p"),
+    (dict(prompts=["hi"], logprobs=21), "logprobs must be an integer in"),
+    (dict(prompts=["hi"], logprobs=True), "logprobs must be an integer in"),
+    (dict(prompts=["hi"], logprobs=2, num_beams=2), "beam search"),
+    (dict(prompts=["hi"], logprobs=2, logprob_score="amateur"), "logprob_score"),
 ]
 
 
@@ -459,6 +463,10 @@ def test_engine_load_refuses_bad_adapters_before_the_model(files):
 
 def _completion(**fields) -> dict:
     return {"model": "lora", "prompt": "hi", "max_tokens": 2, **fields}
+
+
+def _chat(**fields) -> dict:
+    return {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
 
 
 HTTP_CASES = [
@@ -492,14 +500,20 @@ HTTP_CASES = [
     (b"\xff\xfe", 400, "JSON"),
     ("text/plain", 415, "application/json"),
     (b"x" * 5000, 413, "larger"),
-    (_completion(logprobs=2), 400, "logprobs is not supported by this server on generated tokens"),
+    (_completion(logprobs=21), 400, "logprobs must be in [0, 20]"),
+    (_completion(logprobs=True), 400, "logprobs"),
+    (("/v1/chat/completions", _chat(top_logprobs=2)), 400, "top_logprobs needs logprobs: true"),
+    (("/v1/chat/completions", _chat(logprobs=True, top_logprobs=50)), 400, "top_logprobs must be in [0, 20]"),
+    (("/v1/chat/completions", _chat(logprobs=1)), 400, "logprobs"),
+    (("/v1/chat/completions", _chat(score="cold")), 400, "score chooses whose log-probabilities are reported"),
     (_completion(echo=True, logprobs=21, max_tokens=1), 400, "logprobs must be in [0, 20]"),
     (_completion(echo=True, logprobs=-1, max_tokens=1), 400, "logprobs must be in [0, 20]"),
     (_completion(echo=True, logprobs=1, max_tokens=5), 400, "max_tokens must be 0 or 1"),
     (_completion(echo=True, logprobs=1, max_tokens=1, stream=True), 400, "cannot be streamed"),
     (_completion(echo=True, logprobs=1, max_tokens=1, n=2), 400, "n = 1"),
     (_completion(echo=True, logprobs=1, max_tokens=1, prompt=[10**9]), 400, "vocabulary"),
-    (_completion(score="cold"), 400, "score applies to scoring a prompt"),
+    (_completion(score="cold"), 400, "it needs logprobs (or echo=true with logprobs, to score a prompt)"),
+    (_completion(logprobs=1, score="best"), 400, "score"),
     (_completion(echo=True, logprobs=1, max_tokens=1, score="best"), 400, "score"),
     (("/tokenize", {}), 400, "either prompt or messages"),
     (("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}), 400, "either prompt or messages"),

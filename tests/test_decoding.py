@@ -233,6 +233,27 @@ def test_late_joiners_decode_as_alone(engine):
         assert ids[key] == engine.generate(prompt, decoder="cold", max_new_tokens=NEW)[0].token_ids, prompt
 
 
+@pytest.mark.parametrize("decoder,score", [("expert", "expert"), ("cold", "expert"), ("cold", "cold")])
+def test_logprobs_of_generated_tokens_equal_scoring_the_text(engine, decoder, score):
+    """Each generated token's reported log-probability equals what `Engine.logprobs` gives it when
+    the prompt and the generation are scored as one text (the expert's, or CoLD's by its rule),
+    for a batch of prompts; greedy picks the best alternative wherever it decodes from that score."""
+    gens = engine.generate(PROMPTS, decoder=decoder, max_new_tokens=NEW, logprobs=3, logprob_score=score, ignore_eos=True)
+    for prompt, gen in zip(PROMPTS, gens):
+        assert [e.token_id for e in gen.logprobs] == gen.token_ids
+        scored = engine.logprobs([ids_of(engine, prompt) + gen.token_ids], decoder=score)[0]
+        assert [e.logprob for e in gen.logprobs] == pytest.approx(scored.token_logprobs[-NEW:], abs=1e-4)
+        for e in gen.logprobs:
+            assert len(e.top) == 3 and [v for _, v in e.top] == sorted((v for _, v in e.top), reverse=True)
+            if decoder == score:
+                assert e.top[0] == (e.token_id, pytest.approx(e.logprob))
+    sampled = engine.generate(PROMPTS[0], decoder=decoder, max_new_tokens=NEW, logprobs=0, logprob_score=score,
+                              do_sample=True, temperature=3.0, seed=1)[0]
+    scored = engine.logprobs([ids_of(engine, PROMPTS[0]) + sampled.token_ids], decoder=score)[0]  # before temperature
+    assert [e.logprob for e in sampled.logprobs] == pytest.approx(scored.token_logprobs[-len(sampled.token_ids):], abs=1e-4)
+    assert engine.generate(PROMPTS[0], max_new_tokens=2)[0].logprobs is None
+
+
 @pytest.mark.parametrize("forms", [("logit", "logit"), ("logit", "logprob")])
 def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, forms):
     """Logit-form CoLD computes the amateur (and the score) on the plausible columns only; every
@@ -250,7 +271,8 @@ def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, fo
                 for i, (d, a, b, f) in enumerate(settings)]
     with torch.inference_mode():
         layout, state = prefill(engine, requests)
-        got = engine.runner.scores(state, Sampler.build([r.params for r in requests], engine.device))
+        got = engine.runner.scores(state, Sampler.build([r.params for r in requests], engine.device),
+                                   engine.runner.expert_logits(state))
         full = engine.runner.logits(state.hidden, layout)  # [R, V] every row's full logits
     for s, (decoder, alpha, beta, form) in enumerate(settings):
         expert = full[layout.expert_row[s]][None]

@@ -37,6 +37,7 @@ from cold.params import DecodeParams
 from cold.runner.rows import layout_of
 from cold.sampling.amateur import ALWAYS
 from cold.sampling.sampler import Sampler
+from cold.sampling.scoring import OUTSIDE_PENALTY
 from cold.serve.app import ServerConfig, create_app
 from cold.serve.engine_backend import EngineBackend
 from conftest import ALL_LINEAR, ServerThread, make_lora, prefill
@@ -212,7 +213,8 @@ def test_cold_on_llamacpp_follows_the_torch_engine(engine, torch_engine):
     requests = [torch_engine.make_request(p, params, chat=True) for p in PROMPTS]
     with torch.inference_mode():
         _, state = prefill(torch_engine, requests)
-        top2 = torch_engine.runner.scores(state, Sampler.build([r.params for r in requests], "cpu")).topk(2, dim=-1).values
+        top2 = torch_engine.runner.scores(state, Sampler.build([r.params for r in requests], "cpu"),
+                                          torch_engine.runner.expert_logits(state)).topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()  # inf: one plausible token
     print(f"\n[llamacpp vs torch float32, CoLD step-50, 48 tokens] identical sequences {sum(same)}/{len(same)}, "
           f"first token {sum(first)}/{len(first)} (torch's first CoLD score margin where it differs: "
@@ -392,6 +394,21 @@ def test_joining_and_leaving_a_running_batch(engine, always, decodes, policy):
         alone = engine.generate(SHORT[key], max_new_tokens=NEW, **p)[0].token_ids
         assert ids[key] == (alone[: len(ids[2])] if key == 2 else alone), (key, p)
     assert len(ids[2]) == 6  # joined before step 3, dropped before step 9
+
+
+def test_logprobs_of_generated_tokens_on_llamacpp(engine):
+    """llama.cpp reports generated tokens' log-probabilities like our engine: greedy picks the best
+    alternative of the score it decodes from, and a token CoLD's plausibility mask held alone has
+    log-probability 0 (log 1), every other token at most -OUTSIDE_PENALTY."""
+    for decoder in ("expert", "cold"):
+        gen = engine.generate(SHORT[:2], decoder=decoder, adapter="step50", max_new_tokens=6, logprobs=2,
+                              logprob_score=decoder, ignore_eos=True)
+        for g in gen:
+            assert [e.token_id for e in g.logprobs] == g.token_ids
+            assert all(e.top[0] == (e.token_id, pytest.approx(e.logprob)) and e.logprob <= 0 for e in g.logprobs)
+        if decoder == "cold":
+            alone = [e for g in gen for e in g.logprobs if e.logprob == 0.0]
+            assert alone and all(e.top[1][1] <= -OUTSIDE_PENALTY for e in alone)  # outside: the expert's minus the penalty
 
 
 def test_beam_search_gives_its_slots_back(engine):

@@ -139,6 +139,42 @@ def test_streaming_completion_and_chat(engine, server, client):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("score", [None, "cold"])
+def test_logprobs_of_generated_tokens(engine, client, score):
+    """Both endpoints, streamed or not, report each generated token's log-probability (the expert's,
+    or CoLD's with `score: "cold"`) and its best alternatives, as the engine does."""
+    extra = {"score": score} if score else {}
+    want = offline(engine, PROMPT, adapter="lora-a", max_new_tokens=6, logprobs=2, logprob_score=score or "expert",
+                   ignore_eos=True).logprobs
+    pieces = [engine.tokenizer.decode([e.token_id]) for e in want]
+
+    got = client.completions.create(model="lora-a", prompt=PROMPT, max_tokens=6, logprobs=2, extra_body=extra)
+    lp = got.choices[0].logprobs
+    assert lp.tokens == pieces and lp.token_logprobs == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert lp.text_offset == [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    for top, entry, piece in zip(lp.top_logprobs, want, pieces):
+        assert top == pytest.approx({**{engine.tokenizer.decode([t]): v for t, v in entry.top}, piece: entry.logprob}, abs=1e-4)
+    chunks = list(client.completions.create(model="lora-a", prompt=PROMPT, max_tokens=6, logprobs=2, stream=True, extra_body=extra))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert sum((c.tokens for c in streamed), []) == pieces
+    assert sum((c.text_offset for c in streamed), []) == lp.text_offset
+
+    messages = [{"role": "user", "content": PROMPT}]
+    want = offline(engine, PROMPT, chat=True, adapter="lora-a", max_new_tokens=6, logprobs=3,
+                   logprob_score=score or "expert", ignore_eos=True).logprobs
+    got = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=6, logprobs=True, top_logprobs=3,
+                                         extra_body=extra)
+    content = got.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert [[t.token for t in c.top_logprobs] for c in content] == [[engine.tokenizer.decode([t]) for t, _ in e.top] for e in want]
+    assert all(bytes(c.bytes).decode("utf-8") == c.token for c in content)
+    chunks = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=6, logprobs=True, stream=True,
+                                            extra_body=extra)
+    streamed = sum((c.choices[0].logprobs.content for c in chunks if c.choices and c.choices[0].logprobs), [])
+    assert [c.token for c in streamed] == [c.token for c in content] and all(c.top_logprobs == [] for c in streamed)
+    assert client.completions.create(model="lora-a", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
+
+
 def test_stop_strings(engine, client):
     full = offline(engine, PROMPT, adapter="lora-a", max_new_tokens=16).text
     middle = len(full) // 2
@@ -222,7 +258,8 @@ def error_of(call) -> openai.APIStatusError:
     ({"n": 0}, "n must be"),
     ({"n": 5}, "n must be"),
     ({"stop": [""]}, "stop"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs must be in [0, 20]"),
+    ({"extra_body": {"score": "cold"}}, "score chooses whose log-probabilities are reported: it needs logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"extra_body": {"alpha": 0}}, "alpha"),
     ({"extra_body": {"alpha": 1.5}}, "alpha"),

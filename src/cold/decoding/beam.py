@@ -50,7 +50,7 @@ def beam_search(runner: ModelRunner, requests: list[Request]) -> Iterator[Stream
         try:
             runner.repeat_rows(state, beams)  # beam sequence s * beams + b starts as a copy of sequence s
             for _ in range(max_new):
-                log_probs = scoring.beam_log_probs(runner.scores(state, sampler))  # [S*B, V]
+                log_probs = scoring.beam_log_probs(runner.scores(state, sampler, runner.expert_logits(state)))  # [S*B, V]
                 vocab = log_probs.shape[-1]
                 totals = (beam_scores.view(-1, 1) + log_probs).view(num, beams * vocab)
                 top_scores, top_index = totals.topk(2 * beams, dim=-1)  # [S, 2B]

@@ -21,16 +21,13 @@ from cold.errors import ColdError
 from cold.load.adapters import LoraAdapter, read_adapter
 from cold.load.models import DEFAULT_MODEL, BaseModel, load_base, pick_dtype
 from cold.load.prompts import Prompt, check_fits, encode_prompt
-from cold.params import DecodeParams
+from cold.params import MAX_LOGPROBS, DecodeParams
 from cold.runner.model_runner import DEFAULT_COBATCH_STEPS, ModelRunner
 from cold.runner.rows import layout_of
 from cold.sampling.scoring import OUTSIDE_PENALTY, cold_log_probs
-from cold.types import Generation, Request, SequenceLogprobs, StreamEvent
+from cold.types import Generation, Request, SequenceLogprobs, StreamEvent, TokenLogprob
 
-__all__ = ["Engine", "Generation", "Prompt", "Request", "SequenceLogprobs", "StreamEvent"]
-
-MAX_TOP_LOGPROBS = 20  # the most alternatives `logprobs` returns per position (the OpenAI API's limit)
-
+__all__ = ["Engine", "Generation", "Prompt", "Request", "SequenceLogprobs", "StreamEvent", "TokenLogprob"]
 
 class Engine:
     """A base model with row-indexed LoRA adapters installed, ready to decode."""
@@ -168,15 +165,19 @@ class Engine:
         texts = [""] * len(requests)
         reasons: list[str | None] = [None] * len(requests)
         amateur: list[int | None] = [None] * len(requests)
+        logprobs = [[] if r.params.logprobs is not None else None for r in requests]
         for event in self.run(requests):
             ids[event.index] += event.token_ids
             texts[event.index] += event.text
+            if event.logprobs:
+                logprobs[event.index] += event.logprobs
             reasons[event.index] = event.finish_reason or reasons[event.index]
             if event.amateur_steps is not None:
                 amateur[event.index] = event.amateur_steps
         return [
-            Generation(prompt=r.prompt, text=t, token_ids=i, finish_reason=f, prompt_tokens=len(r.prompt_ids), amateur_steps=a)
-            for r, t, i, f, a in zip(requests, texts, ids, reasons, amateur)
+            Generation(prompt=r.prompt, text=t, token_ids=i, finish_reason=f, prompt_tokens=len(r.prompt_ids),
+                       amateur_steps=a, logprobs=lp)
+            for r, t, i, f, a, lp in zip(requests, texts, ids, reasons, amateur, logprobs)
         ]
 
     def stream(self, prompts, params: DecodeParams | None = None, *, chat: bool = False, **overrides) -> Iterator[StreamEvent]:
@@ -193,8 +194,8 @@ class Engine:
         inside the plausible set the log-softmax of the score over it, outside it the expert's own
         log-probability minus `penalty`. Sequences run `batch_size` at a time, in one forward pass each.
         """
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise ColdError(f"top must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS:
+            raise ColdError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top!r}")
         if batch_size < 1:
             raise ColdError(f"batch_size must be >= 1, got {batch_size}")
         params = (params or DecodeParams()).with_(**{"max_new_tokens": 1, **overrides})

@@ -22,8 +22,9 @@ from cold.runner.rows import layout_of
 from cold.runner.state import BatchState
 from cold.sampling.detokenize import TextTracker
 from cold.sampling.sampler import Sampler
+from cold.sampling.scoring import score_log_probs, top_log_probs
 from cold.sampling.stopping import finish_reason
-from cold.types import Request, StreamEvent
+from cold.types import Request, StreamEvent, TokenLogprob
 
 
 class RunningBatch:
@@ -69,13 +70,18 @@ class RunningBatch:
         """Pick one token for every sequence; return (key, StreamEvent) for each; advance the rest."""
         runner = self.runner
         with torch.inference_mode():
-            tokens = self.sampler.pick(runner.scores(self.state, self.sampler))  # [S]
+            expert = runner.expert_logits(self.state)  # [S, V]
+            score = runner.scores(self.state, self.sampler, expert)  # [S, V]
+            tokens = self.sampler.pick(score)  # [S]
+            reported = reported_logprobs(self.requests, expert, score, tokens)
             events, kept = [], []
             for seq, token in enumerate(tokens.tolist()):
                 request, tracker = self.requests[seq], self.trackers[seq]
                 text = tracker.add(token)
                 reason = finish_reason(token, len(tracker.ids), request.params, runner.eos_ids, tracker.stopped)
                 event = StreamEvent(index=self.keys[seq], text=text, token_ids=[token], finish_reason=reason)
+                if seq in reported:
+                    event.logprobs = [reported[seq]]
                 if reason is None:
                     kept.append(seq)
                 else:
@@ -103,6 +109,24 @@ class RunningBatch:
         self.trackers = [self.trackers[s] for s in kept]
         self.state = self.runner.keep(self.state, kept)
         self.sampler = self.sampler.kept(kept) if kept else None
+
+
+def reported_logprobs(requests: list[Request], expert: torch.Tensor, score: torch.Tensor,
+                      tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+    """{sequence: its new token's log-probability and best alternatives} for the sequences whose
+    params ask for logprobs, from this step's expert logits and scores [S, V] and tokens [S]."""
+    seqs = [s for s, r in enumerate(requests) if r.params.logprobs is not None]
+    if not seqs:
+        return {}
+    rows = torch.tensor(seqs, device=expert.device)
+    cold = torch.tensor([requests[s].params.logprob_score == "cold" for s in seqs], device=expert.device)
+    own = expert[rows]  # [L, V]
+    log_probs = torch.where(cold[:, None], score_log_probs(own, score[rows]), torch.log_softmax(own.float(), dim=-1))
+    top = max(requests[s].params.logprobs for s in seqs)
+    out = {}
+    for s, (chosen, best) in zip(seqs, top_log_probs(log_probs, tokens[rows], top)):
+        out[s] = TokenLogprob(int(tokens[s]), chosen, best[: requests[s].params.logprobs])
+    return out
 
 
 def decode(runner: ModelRunner, requests: list[Request]) -> Iterator[StreamEvent]:

@@ -2,7 +2,8 @@
 
     runner = LlamaCppRunner(LlamaCppModel.load(gguf_path), adapters=[adapter_gguf, ...])
     state = runner.prefill(prompt_ids, layout, max_new_tokens)   # -> LlamaState
-    score = runner.scores(state, sampler)            # [S, V] CoLD score (plain logits for expert/base)
+    expert = runner.expert_logits(state)             # [S, V] each sequence's expert (or base) logits
+    score = runner.scores(state, sampler, expert)    # [S, V] CoLD score (those logits for expert/base)
     runner.step(state, tokens)                       # feed each sequence's token [S]
 
 It offers what `cold.runner.ModelRunner` offers the decode loops (`cold.decoding.running`,
@@ -395,12 +396,15 @@ class LlamaCppRunner:
 
     # ---- scores ---------------------------------------------------------------------------------
 
-    def scores(self, state: LlamaState, sampler: Sampler) -> torch.Tensor:
-        """[S, V] score of every sequence, as `ModelRunner.scores`: a CoLD sequence whose
+    def expert_logits(self, state: LlamaState) -> torch.Tensor:
+        """[S, V] logits of every sequence's expert row (its base row for the base decoder)."""
+        return state.logits[state.layout.expert_row]
+
+    def scores(self, state: LlamaState, sampler: Sampler, expert: torch.Tensor) -> torch.Tensor:
+        """[S, V] score of every sequence given its `expert_logits`, as `ModelRunner.scores`: a CoLD sequence whose
         plausibility mask holds one token scores that token alone; the others need their amateur,
         and a lagging one catches up first (its pending tokens as one decode)."""
         layout = state.layout
-        expert = state.logits[layout.expert_row]  # [S, V]
         if sampler.contrastive is None:
             return expert
         seqs = sampler.contrastive

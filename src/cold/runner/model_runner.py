@@ -3,7 +3,8 @@
     runner = ModelRunner(base_model)                 # cold.load.models.BaseModel
     runner.set_adapters([adapter, ...])              # cold.load.adapters.LoraAdapter
     state = runner.prefill(prompt_ids, layout, max_new_tokens)   # -> BatchState
-    score = runner.scores(state, sampler)            # [S, V] CoLD score (plain logits for expert/base)
+    expert = runner.expert_logits(state)             # [S, V] each sequence's expert (or base) logits
+    score = runner.scores(state, sampler, expert)    # [S, V] CoLD score (those logits for expert/base)
     runner.step(state, tokens)                       # feed each sequence's token [S] to all its rows
 
 It owns the step: it is the only code that touches the KV cache, the attention mask and the
@@ -325,8 +326,13 @@ class ModelRunner:
 
     # ---- scores ---------------------------------------------------------------------------------
 
-    def scores(self, state: BatchState, sampler: Sampler) -> torch.Tensor:
-        """[S, V] score of every sequence: the CoLD score, or plain logits for expert/base sequences.
+    def expert_logits(self, state: BatchState) -> torch.Tensor:
+        """[S, V] float32 logits of every sequence's expert row (its base row for the base decoder)."""
+        return self.logits(state.hidden[state.layout.expert_row], state.layout.experts)
+
+    def scores(self, state: BatchState, sampler: Sampler, expert: torch.Tensor) -> torch.Tensor:
+        """[S, V] score of every sequence given its `expert_logits`: the CoLD score, or those logits
+        for expert/base sequences.
 
         A CoLD sequence whose plausibility mask holds one token scores that token alone (its
         amateur's logits cannot change the choice); the others need their amateur, and a lagging
@@ -334,7 +340,6 @@ class ModelRunner:
         also decides which amateurs run with the experts at the next step.
         """
         hidden, layout = state.hidden, state.layout
-        expert = self.logits(hidden[layout.expert_row], layout.experts)  # [S, V]
         if sampler.contrastive is None:
             return expert
         seqs = sampler.contrastive

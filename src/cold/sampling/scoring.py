@@ -77,17 +77,32 @@ def cold_log_probs(
     expert: torch.Tensor, amateur: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, form: str = "logit",
     penalty: float = OUTSIDE_PENALTY,
 ) -> torch.Tensor:
-    """[S, V] float32 log-probabilities of CoLD's score, finite for every token, to score a given text.
+    """[S, V] float32 log-probabilities of CoLD's score, finite for every token, to score a given
+    text: `score_log_probs` of the CoLD score (alpha, beta, form) of these logits."""
+    return score_log_probs(expert, contrastive_scores(expert, amateur, alpha, beta, form), penalty)
 
-    Inside the plausibility mask: the log-softmax of the CoLD score over the mask (what greedy and
-    sampled CoLD decoding choose from). Outside it, where decoding gives -inf: the expert's own
-    log-probability minus `penalty`, so that a text with one implausible token is not impossible
-    (a multiple-choice question whose every answer leaves the mask would otherwise tie at -inf)
-    and implausible tokens keep the expert's order among themselves.
+
+def score_log_probs(expert: torch.Tensor, score: torch.Tensor, penalty: float = OUTSIDE_PENALTY) -> torch.Tensor:
+    """[S, V] float32 log-probabilities of a decoding score [S, V] (-inf where CoLD's plausibility
+    mask drops a token), finite for every token.
+
+    Where the score is finite: its log-softmax over those tokens (what greedy and sampled decoding
+    choose from; for a plain expert score, the expert's log-softmax). Where it is -inf: the
+    expert's own log-probability minus `penalty`, so that a text with one implausible token is not
+    impossible (a multiple-choice question whose every answer leaves the mask would otherwise tie
+    at -inf) and implausible tokens keep the expert's order among themselves.
     """
-    valid = plausibility_mask(expert, alpha)
-    inside = torch.log_softmax(contrastive_scores(expert, amateur, None, beta, form, valid).float(), dim=-1)
-    return torch.where(valid, inside, torch.log_softmax(expert.float(), dim=-1) - penalty)
+    inside = score.isfinite()
+    return torch.where(inside, torch.log_softmax(score.float(), dim=-1), torch.log_softmax(expert.float(), dim=-1) - penalty)
+
+
+def top_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, top: int) -> list:
+    """Per row of `log_probs` [S, V]: (log p of tokens[s], the `top` best (id, log p), best first)."""
+    chosen = log_probs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, []) for c in chosen]
+    best = log_probs.topk(top, dim=-1)
+    return [(c, list(zip(i.tolist(), v.tolist()))) for c, v, i in zip(chosen, best.values, best.indices)]
 
 
 def apply_temperature(score: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

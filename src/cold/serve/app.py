@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 from cold.errors import ColdError
 from cold.load.prompts import chat_ids, chat_text
 from cold.serve.backend import Backend, DecodeThread, Job, JobFailed, QueueFull
+from cold.serve.logprobs import chat_logprobs, completion_logprobs, generated_completion_logprobs
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import (
     ApiError,
@@ -471,7 +472,8 @@ class _Server:
         prompt_tokens = sum(len(r.prompt_ids) for r in requests)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         call = _Call(kind, body.model, jobs, queue, prompt_tokens, start, self.metrics,
-                     [prompts[i // n].text if echo else "" for i in range(len(jobs))], self.backend.token_ids_in_choices)
+                     [prompts[i // n].text if echo else "" for i in range(len(jobs))], self.backend.token_ids_in_choices,
+                     self.backend.tokenizer if params.logprobs is not None else None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _JobStream(self._stream(request, call, include_usage), lambda: self.worker.cancel(call.jobs),
@@ -540,7 +542,9 @@ class _JobStream(StreamingResponse):
 class _Call:
     """The state of one generation request: its jobs, their texts so far, and the OpenAI shapes."""
 
-    def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes, token_ids_in_choices=False):
+    def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes, token_ids_in_choices=False,
+                 logprobs_tokenizer=None):
+        """`logprobs_tokenizer`: where the choices report log-probabilities, the tokenizer that shows their tokens."""
         self.kind, self.model, self.jobs, self.queue = kind, model, jobs, queue
         self.prompt_tokens, self.start, self.metrics = prompt_tokens, start, metrics
         self.token_ids_in_choices = token_ids_in_choices
@@ -552,6 +556,10 @@ class _Call:
         self.reasons: list[str | None] = [None] * len(jobs)
         self.remaining = len(jobs)
         self.first_seen = False
+        self.tokenizer = logprobs_tokenizer
+        self.logprobs: list[list] = [[] for _ in jobs]  # each choice's TokenLogprobs so far
+        self.logprobs_sent = [0] * len(jobs)  # of those, how many a stream chunk has carried
+        self.logprobs_offset = [0] * len(jobs)  # characters of those tokens' texts (completions' text_offset)
 
     @property
     def finished(self) -> bool:
@@ -564,6 +572,7 @@ class _Call:
             self.metrics.first_token_seconds.observe(time.perf_counter() - self.start)
         self.texts[index] += event.text
         self.token_ids[index] += event.token_ids
+        self.logprobs[index] += getattr(event, "logprobs", None) or []
         if event.finish_reason is not None:
             self.reasons[index] = event.finish_reason
             self.remaining -= 1
@@ -573,10 +582,30 @@ class _Call:
             return None
         if self.kind == "chat":
             delta = {"content": event.text} if event.text else {}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self._unsent_logprobs(index), "finish_reason": event.finish_reason}
         else:
-            choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            choice = {"index": index, "text": event.text, "logprobs": self._unsent_logprobs(index),
+                      "finish_reason": event.finish_reason}
         return self.chunk([choice])
+
+    def _logprobs_of(self, entries: list, offset: int = 0) -> dict | None:
+        """A choice's "logprobs" for these of its tokens, the first at character `offset` of its text
+        (None where the request asked for none)."""
+        if self.tokenizer is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries, self.tokenizer)
+        return generated_completion_logprobs(entries, self.tokenizer, offset)
+
+    def _unsent_logprobs(self, index: int) -> dict | None:
+        """The "logprobs" of a choice's tokens that no stream chunk has carried yet (text held back by
+        the detokeniser, e.g. a partial stop string, comes with a later chunk: so do its tokens)."""
+        entries = self.logprobs[index][self.logprobs_sent[index]:]
+        self.logprobs_sent[index] = len(self.logprobs[index])
+        out = self._logprobs_of(entries, self.logprobs_offset[index])
+        if out is not None and "tokens" in out:
+            self.logprobs_offset[index] += sum(map(len, out["tokens"]))
+        return out
 
     def opening_chunks(self) -> list[dict]:
         if self.kind == "chat":
@@ -598,13 +627,14 @@ class _Call:
                 "total_tokens": self.prompt_tokens + completion}
 
     def response(self) -> dict:
+        logprobs = [self._logprobs_of(entries) for entries in self.logprobs]
         if self.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
+                       for i, (t, r, lp) in enumerate(zip(self.texts, self.reasons, logprobs))]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                       for i, (t, r, lp) in enumerate(zip(self.texts, self.reasons, logprobs))]
             obj = "text_completion"
         if self.token_ids_in_choices:
             for choice, ids in zip(choices, self.token_ids):
@@ -617,7 +647,8 @@ def _with_alias(body, aliases: dict[str, tuple[str, dict]]):
     """The body with its model id's preset fields filled in where the request leaves them out."""
     if body.model not in aliases:
         return body
-    settings = {k: v for k, v in aliases[body.model][1].items() if k != "score" or getattr(body, "scores_prompt", False)}
+    settings = {k: v for k, v in aliases[body.model][1].items() if k != "score" or body.reported_logprobs() is not None
+                or getattr(body, "scores_prompt", False)}
     return body.model_copy(update={k: v for k, v in settings.items() if k in type(body).model_fields and getattr(body, k) is None})
 
 
@@ -643,15 +674,9 @@ def _scored_choice(index: int, scored, alternatives: int, extra: int, tokenizer)
     if extra:
         best_id, best = scored.top_logprobs[-1][0]
         ids, chosen, tops = ids + [best_id], chosen + [best], tops + [scored.top_logprobs[-1]]
-    pieces = [tokenizer.decode([t]) for t in ids]
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
-    top_logprobs = [None] + [{**{tokenizer.decode([t]): lp for t, lp in top[:alternatives]}, pieces[i]: chosen[i]}
-                             for i, top in enumerate(tops) if i > 0]
+    shown = [None] + [top[:alternatives] for top in tops[1:]]
     return {"index": index, "text": tokenizer.decode(ids), "finish_reason": "length",
-            "logprobs": {"tokens": pieces, "token_logprobs": chosen, "top_logprobs": top_logprobs, "text_offset": offsets}}
+            "logprobs": completion_logprobs(ids, chosen, shown, tokenizer)}
 
 
 def _prompt_count(prompt) -> int:

@@ -13,9 +13,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cold.params import DECODERS, MAX_BETA, MAX_SCALE, SCORING_FORMS, DecodeParams, amateur_fields
-
-LOGPROB_SCORES = ("expert", "cold")  # whose log-probabilities a scored prompt reports (expert: the adapted model's)
+from cold.params import (
+    DECODERS,
+    LOGPROB_SCORES,
+    MAX_BETA,
+    MAX_LOGPROBS,
+    MAX_SCALE,
+    SCORING_FORMS,
+    DecodeParams,
+    amateur_fields,
+)
 
 
 class ApiError(Exception):
@@ -67,6 +74,11 @@ class _Generation(_Strict):
     expert_scale: float | None = None
     amateur: str | None = None  # a served adapter's model id: the amateur row runs that adapter
     amateur_scale: float | None = None
+    score: Literal[LOGPROB_SCORES] | None = None  # whose log-probabilities `logprobs` reports (expert: the adapted model's)
+
+    def reported_logprobs(self) -> int | None:
+        """How many alternatives to report with each generated token's log-probability (None: none)."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Generation):
@@ -75,13 +87,15 @@ class CompletionRequest(_Generation):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
-    score: Literal[LOGPROB_SCORES] | None = None  # CoLD extension: whose log-probabilities echo reports
 
     @property
     def scores_prompt(self) -> bool:
         """Scoring, not generating: echo the prompt with its log-probabilities (what lm-eval's
         log-likelihood requests send: echo, logprobs and max_tokens 0 or 1)."""
         return bool(self.echo) and (self.logprobs is not None or self.max_tokens == 0)
+
+    def reported_logprobs(self) -> int | None:
+        return None if self.scores_prompt else self.logprobs
 
 
 class ContentPart(BaseModel):
@@ -115,6 +129,9 @@ class ChatRequest(_Generation):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
 
+    def reported_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class TokenizeRequest(_Strict):
     """POST /tokenize (as vLLM's): a prompt, or chat messages rendered with the chat template."""
@@ -134,7 +151,6 @@ class DetokenizeRequest(_Strict):
 
 
 MAX_STOP = 16
-MAX_LOGPROBS = 20  # top alternatives per token (the OpenAI API's limit)
 MIN_TEMPERATURE = 1e-5  # below: greedy (dividing scores by a tinier number overflows)
 MAX_TEMPERATURE = 100.0
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -188,21 +204,15 @@ def refuse_unsupported(body: _Generation, max_n: int) -> None:
             refuse(field, " (only 0)")
     if body.logit_bias:
         refuse("logit_bias", "")
+    _check_logprobs(body)
     if isinstance(body, CompletionRequest):
-        if body.logprobs is not None and not body.scores_prompt:
-            refuse("logprobs", " on generated tokens (it scores a prompt: echo=true with max_tokens 0 or 1)")
         if body.scores_prompt:
             _check_scoring(body)
-        elif body.score is not None:
-            raise ApiError(400, "score applies to scoring a prompt (echo=true with logprobs)", param="score",
-                           code="invalid_value")
         if body.best_of not in (None, 1) and body.best_of != body.n:
             refuse("best_of", " (only 1)")
         if body.suffix:
             refuse("suffix", "")
     else:
-        if body.logprobs or body.top_logprobs:
-            refuse("logprobs" if body.logprobs else "top_logprobs", "")
         if body.tools or body.functions:
             refuse("tools" if body.tools else "functions", " (no tool calling)")
         if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
@@ -213,11 +223,22 @@ def refuse_unsupported(body: _Generation, max_n: int) -> None:
             refuse("modalities", " (only [\"text\"])")
 
 
+def _check_logprobs(body: _Generation) -> None:
+    """Alternatives in range, and `score` only where log-probabilities are reported."""
+    field = "top_logprobs" if isinstance(body, ChatRequest) else "logprobs"
+    wanted = getattr(body, field)
+    if wanted is not None and not 0 <= wanted <= MAX_LOGPROBS:
+        raise ApiError(400, f"{field} must be in [0, {MAX_LOGPROBS}], got {wanted}", param=field, code="invalid_value")
+    if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if body.score is not None and body.reported_logprobs() is None and not getattr(body, "scores_prompt", False):
+        raise ApiError(400, "score chooses whose log-probabilities are reported: it needs logprobs"
+                       + ("" if isinstance(body, ChatRequest) else " (or echo=true with logprobs, to score a prompt)"),
+                       param="score", code="invalid_value")
+
+
 def _check_scoring(body: CompletionRequest) -> None:
-    """A scoring request: logprobs in range, max_tokens 0 or 1, one choice, not streamed."""
-    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-        raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", param="logprobs",
-                       code="invalid_value")
+    """A scoring request: max_tokens 0 or 1, one choice, not streamed."""
     if body.max_tokens not in (0, 1):
         raise ApiError(400, f"echo with logprobs scores the prompt and at most one more token: max_tokens must be 0 or 1, "
                        f"got {body.max_tokens}", param="max_tokens", code="invalid_value")
@@ -267,6 +288,8 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
     for field in ("alpha", "beta", "scoring", "expert_scale"):
         if getattr(body, field) is not None:
             changes[field] = getattr(body, field)
+    if body.reported_logprobs() is not None:
+        changes.update(logprobs=body.reported_logprobs(), logprob_score=body.score or "expert")
     if body.amateur is not None or body.amateur_scale is not None:
         if changes["decoder"] != "cold":
             field = "amateur" if body.amateur is not None else "amateur_scale"

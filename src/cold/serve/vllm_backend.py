@@ -75,6 +75,9 @@ class VllmBackend(Backend):
         for name in ("amateur", "amateur_scale"):
             if getattr(body, name) is not None:
                 raise ApiError(400, f"{name} is not supported by the vLLM engine", param=name, code="unsupported_parameter")
+        if body.reported_logprobs() is not None:
+            raise ApiError(400, "logprobs on generated tokens are not offered by `cold serve --engine vllm`", param="logprobs",
+                           code="unsupported_parameter")
 
     def make_request(self, prompt_ids: list[int], params) -> VllmRequest:
         params.validate()

@@ -1,7 +1,8 @@
 """CoLD inside vLLM (optional extra `cold-decoding[vllm]`): see docs/vllm.md.
 
     pairs.py      the pair tag in SamplingParams.extra_args; per-row bookkeeping (no vLLM import)
-    processor.py  ColdPairProcessor: the vLLM batch-level logits processor
+    processor.py  ColdPairProcessor: the vLLM batch-level logits processor (V1 model runner)
+    processor_v2.py  ColdPairProcessorV2: the same for Model Runner V2
     generate.py   make_llm (an LLM configured for pairs) and generate (prompts -> Generations)
 
 Importing `cold.vllm` does not import vLLM; `make_llm` / `generate` do (with a clear error

@@ -21,7 +21,6 @@ the queue, tagged as a pair (`cold.vllm.pairs`). What keeps a pair in step:
 from __future__ import annotations
 
 import math
-import os
 import random
 import uuid
 from collections.abc import Sequence
@@ -33,7 +32,8 @@ from cold.params import DECODERS, DecodeParams
 from cold.types import Generation
 from cold.vllm.pairs import PairTag, check_pair
 
-PROCESSOR = "cold.vllm.processor:ColdPairProcessor"
+PROCESSOR = "cold.vllm.processor:ColdPairProcessor"  # for vLLM's V1 model runner
+PROCESSOR_V2 = "cold.vllm.processor_v2:ColdPairProcessorV2"  # for Model Runner V2
 
 
 def require_vllm():
@@ -64,14 +64,15 @@ def make_llm(
 
     `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file).
     `dtype` is what `--dtype` takes; "auto" is cold's default (`cold.load.models.default_dtype`).
-    Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the V1
-    model runner is selected (the processor's interface), and `max_num_batched_tokens` is
-    `max_model_len * 4` unless given. Other keyword arguments go to `vllm.LLM`.
+    Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the logits
+    processor is the one of the model runner vLLM picks (`runner_processor`), and
+    `max_num_batched_tokens` is `max_model_len * 4` unless given. Other keyword arguments go to
+    `vllm.LLM`; speculative decoding is refused (a pair's rows must score one position each).
     """
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
-        raise ColdError("CoLD's vLLM logits processor uses the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     vllm = require_vllm()
+    spec = sorted(k for k in llm_kwargs if k.startswith("spec") and llm_kwargs[k] is not None)
+    if spec:
+        raise ColdError(f"CoLD pairs cannot run with speculative decoding ({', '.join(spec)})")
     from vllm.lora.request import LoRARequest
 
     # torch-bound: importing cold.vllm stays light
@@ -89,7 +90,7 @@ def make_llm(
     kwargs = dict(
         model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_model_len * 4, enable_chunked_prefill=False, seed=seed,
-        kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), logits_processors=[PROCESSOR],
+        kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), logits_processors=[runner_processor()],
     )
     if lora is not None:
         # max_loras=2 although one adapter is used: vLLM's CPU LoRA ops read a no-LoRA row's index
@@ -102,6 +103,17 @@ def make_llm(
     except Exception as exc:
         raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
     return llm, lora
+
+
+def runner_processor() -> str:
+    """The FQCN of CoLD's processor for the model runner vLLM will pick: what
+    `VllmConfig.use_v2_model_runner` decides for CoLD's settings (no speculative decoding, no
+    external launcher): V2 if VLLM_USE_V2_MODEL_RUNNER says so, else V2 where Triton is installed."""
+    import vllm.envs as envs
+    from vllm.triton_utils import HAS_TRITON
+
+    use_v2 = envs.VLLM_USE_V2_MODEL_RUNNER
+    return PROCESSOR_V2 if (HAS_TRITON if use_v2 is None else use_v2) else PROCESSOR
 
 
 def shutdown(llm) -> None:

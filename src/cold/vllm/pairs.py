@@ -1,4 +1,5 @@
-"""Pair bookkeeping for CoLD inside vLLM, free of vLLM imports (unit-testable on its own).
+"""Pair bookkeeping for CoLD inside vLLM, free of vLLM imports (unit-testable on its own), shared
+by the processors of both vLLM model runners (`cold.vllm.processor`, `cold.vllm.processor_v2`).
 
 Each user prompt becomes two vLLM requests with the same prompt: an *expert* request that
 carries the LoRA and an *amateur* request without it. Both carry the same tag in
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from cold.errors import ColdError
 from cold.params import SCORING_FORMS
+from cold.sampling import scoring
 
 TAG = "cold"
 ROLES = ("expert", "amateur")
@@ -155,6 +159,28 @@ class PairTable:
         if role == "expert":
             return tag.eos
         return 0 if tag.eos != 0 else 1
+
+
+def apply_plan(logits: torch.Tensor, plan: StepPlan) -> None:
+    """Write a step's plan into its logits [B, V] (float32, in place): each in-step pair's CoLD score
+    (`cold.sampling.scoring.contrastive_scores`, the rule of our own engine) into *both* of its rows,
+    so the sampler picks the same token for both and the amateur keeps seeing the expert's text;
+    each forced row's one allowed token."""
+    if plan.expert_rows:
+        device = logits.device
+        expert_rows = torch.tensor(plan.expert_rows, device=device)  # [P]
+        amateur_rows = torch.tensor(plan.amateur_rows, device=device)  # [P]
+        alpha = torch.tensor([t.alpha for t in plan.tags], device=device)  # [P]
+        beta = torch.tensor([t.beta for t in plan.tags], device=device)  # [P]
+        forms = [t.scoring for t in plan.tags]
+        expert, amateur = logits[expert_rows], logits[amateur_rows]  # [P, V] copies
+        valid = scoring.plausibility_mask(expert, alpha)
+        score = scoring.contrastive_scores_by_form(expert, amateur, beta, forms, valid)
+        logits[expert_rows] = score
+        logits[amateur_rows] = score
+    for row, token in plan.force.items():
+        logits[row].fill_(scoring.NEG_INF)
+        logits[row, token] = 0.0
 
 
 def check_pair(index: int, expert_ids: list[int], amateur_ids: list[int]) -> None:

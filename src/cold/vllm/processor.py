@@ -5,11 +5,12 @@ Registered with `LLM(..., logits_processors=[ColdPairProcessor])` (or the FQCN
 vLLM's engine-core worker, once per step, on the logits [B, V] of the persistent batch (row i =
 request in batch slot i), after vLLM's allowed-token / bad-words stages and before penalties,
 temperature and sampling. For every in-step pair it writes the CoLD score
-(`cold.sampling.scoring.contrastive_scores`, the rule of our own engine) into *both* rows, so the
-sampler picks the same token for both and the amateur keeps seeing exactly the expert's text.
+(`cold.vllm.pairs.apply_plan`) into *both* rows, so the sampler picks the same token for both and
+the amateur keeps seeing exactly the expert's text.
 
 This is the V1 model-runner interface (`vllm.v1.sample.logits_processor.LogitsProcessor`);
-`cold.vllm.make_llm` sets VLLM_USE_V2_MODEL_RUNNER=0 so vLLM uses that runner.
+`cold.vllm.processor_v2` has the same for Model Runner V2, and `cold.vllm.make_llm` passes the one
+of the runner vLLM picks.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from cold.sampling import scoring
-from cold.vllm.pairs import PairTable, PairTag
+from cold.vllm.pairs import PairTable, PairTag, apply_plan
 
 logger = init_logger(__name__)
-NEG_INF = float("-inf")
 
 
 class ColdPairProcessor(LogitsProcessor):
@@ -51,25 +50,5 @@ class ColdPairProcessor(LogitsProcessor):
         plan = self.table.plan()
         for pair, why in plan.newly_broken:
             logger.error("CoLD pair %s fell out of step (%s); both of its requests are being ended", pair, why)
-        if plan.expert_rows:
-            self._score_pairs(logits, plan)
-        for row, token in plan.force.items():
-            logits[row].fill_(NEG_INF)
-            logits[row, token] = 0.0
+        apply_plan(logits, plan)
         return logits
-
-    @staticmethod
-    def _score_pairs(logits: torch.Tensor, plan) -> None:
-        device = logits.device
-        expert_rows = torch.tensor(plan.expert_rows, device=device)  # [P]
-        amateur_rows = torch.tensor(plan.amateur_rows, device=device)  # [P]
-        alpha = torch.tensor([t.alpha for t in plan.tags], device=device)  # [P]
-        beta = torch.tensor([t.beta for t in plan.tags], device=device)  # [P]
-        forms = [t.scoring for t in plan.tags]
-        expert, amateur = logits[expert_rows], logits[amateur_rows]  # [P, V] copies
-        score = torch.empty_like(expert)
-        for form in set(forms):
-            idx = torch.tensor([i for i, f in enumerate(forms) if f == form], device=device)
-            score[idx] = scoring.contrastive_scores(expert[idx], amateur[idx], alpha[idx], beta[idx], form)
-        logits[expert_rows] = score
-        logits[amateur_rows] = score
