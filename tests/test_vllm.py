@@ -6,7 +6,10 @@ tests at the top need no LLM.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from types import SimpleNamespace
 
@@ -397,3 +400,49 @@ def test_server_refuses_what_it_does_not_offer(vllm_client, vllm_llm):
     r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "beta": -1})
     assert r.status_code == 400 and "beta" in r.json()["error"]["message"]
     assert [m["id"] for m in vllm_client.get("/v1/models").json()["data"]] == ["smollm2", name]
+
+
+def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
+    """`kill` (SIGTERM, as a service manager stops a service) of `cold serve --engine vllm` with a
+    request in flight: the request is answered, the server exits with 143, and vLLM's engine-core
+    and worker processes end with it (they used to be left running, orphaned)."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "cold.cli.serve", "--engine", "vllm", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+        vllm_processes = psutil.Process(server.pid).children(recursive=True)
+        assert {p.name() for p in vllm_processes} >= {"VLLM::EngineCore", "VLLM::Worker"}
+        answers = []
+        body = {"model": "smollm2-gsm8k", "prompt": "Count to twenty:", "max_tokens": 48}
+        request = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/completions", json=body, timeout=120)))
+        request.start()
+        time.sleep(1.0)
+        server.terminate()
+        assert server.wait(timeout=120) == 143
+        request.join(timeout=30)
+        assert answers and answers[0].status_code == 200 and answers[0].json()["choices"][0]["text"]  # finished, not cut off
+        _, alive = psutil.wait_procs(vllm_processes, timeout=30)
+        assert not alive, [p.name() for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # whatever is left of its session (vLLM's processes are in it)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import typer
 
 from cold.cli.bench import bench_command
+from cold.cli.common import exit_on_sigterm
 from cold.cli.eval import eval_command
 from cold.cli.generate import generate
 from cold.cli.lm_eval import lm_eval_command
@@ -37,6 +38,7 @@ app = typer.Typer(
 @app.callback()
 def _commands() -> None:
     """Contrastive LoRA Decoding (CoLD): decode with a LoRA adapter contrasted against its base model."""
+    exit_on_sigterm()  # `finally` blocks run on SIGTERM: engines shut their processes down
 
 
 app.command("generate")(generate)

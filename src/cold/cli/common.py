@@ -6,7 +6,9 @@ Nothing here imports torch: `cold --help` stays fast.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +22,22 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are never hard-wrapped (logs, pipes)
 
 EXIT_BAD_INPUT = 2  # the exit status of a command refused for bad input (a ColdError)
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the status of a command stopped by SIGTERM, as the shell reports it
+
+
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM (a service manager's stop, `kill`) raises SystemExit(143) in the main
+    thread, as Ctrl-C raises KeyboardInterrupt, so `finally` blocks run: `cold serve --engine vllm`
+    then shuts vLLM's engine-core and worker processes down rather than leaving them running. (uvicorn
+    re-raises a SIGTERM it handled once it has shut down; under the default handler that ended the
+    process before the backend was closed.) A second SIGTERM ends the process at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(EXIT_TERMINATED)
 
 
 def table_console(columns: int, **options) -> Console:

@@ -15,6 +15,7 @@ from cold.cli.common import (
     check_llamacpp_options,
     check_positive,
     err,
+    exit_on_sigterm,
     parse_adapter_specs,
     refuse_kv_dtype_on_vllm,
     reports_errors,
@@ -63,6 +64,7 @@ def serve(
     from cold.load.demo import DEMO_ADAPTERS, default_adapters
     from cold.serve.app import ServerConfig, create_app
 
+    exit_on_sigterm()  # also when run as `python -m cold.cli.serve`: stopping it closes the backend
     if log_level.lower() not in LOG_LEVELS:
         raise ColdError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     check_positive(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
