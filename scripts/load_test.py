@@ -4,6 +4,9 @@
     # against a running server
     python scripts/load_test.py --url http://127.0.0.1:8000 -n 32 -c 8 --max-tokens 64
 
+    # 64 clients arriving as a Poisson process (4 requests/s), half of them streaming
+    python scripts/load_test.py -n 64 -c 64 --arrival-rate 4 --stream-share 0.5
+
     # start the server itself (arguments after --start go to `cold serve`), test, stop it
     python scripts/load_test.py -n 32 -c 8 --max-tokens 64 --start -- --model smollm2
 
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import socket
 import subprocess
@@ -56,20 +60,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-async def one_request(client: httpx.AsyncClient, args, index: int) -> dict:
-    body = {"model": args.model, "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+def read_questions(path: str | None) -> list[str]:
+    """The prompts: the "question" field of each line of a JSONL file (GSM8K's), else QUESTIONS."""
+    if path is None:
+        return QUESTIONS
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line)["question"] for line in lines if line.strip()]
+
+
+async def one_request(client: httpx.AsyncClient, args, index: int, stream: bool | None = None) -> dict:
+    """One chat request for question `index`; its latency, time to first token (streamed), tokens and text."""
+    stream = args.stream if stream is None else stream
+    questions = args.questions
+    body = {"model": args.model, "messages": [{"role": "user", "content": questions[index % len(questions)]}],
             "max_tokens": args.max_tokens, "temperature": args.temperature}
     body.update(args.extra)
     start = time.perf_counter()
     try:
-        if not args.stream:
+        if not stream:
             response = await client.post("/v1/chat/completions", json=body)
             if response.status_code != 200:
                 return {"ok": False, "status": response.status_code, "error": response.text[:200]}
-            usage = response.json()["usage"]
-            return {"ok": True, "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"]}
+            answer = response.json()
+            return {"ok": True, "latency": time.perf_counter() - start, "tokens": answer["usage"]["completion_tokens"],
+                    "text": answer["choices"][0]["message"]["content"], "index": index, "stream": False}
         body.update(stream=True, stream_options={"include_usage": True})
-        first, tokens = None, 0
+        first, tokens, text = None, 0, ""
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 return {"ok": False, "status": response.status_code, "error": (await response.aread())[:200].decode()}
@@ -81,9 +97,11 @@ async def one_request(client: httpx.AsyncClient, args, index: int) -> dict:
                     return {"ok": False, "status": 200, "error": chunk["error"]["message"]}
                 if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
                     first = time.perf_counter() - start
+                text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-        return {"ok": True, "latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
+        return {"ok": True, "latency": time.perf_counter() - start, "ttft": first, "tokens": tokens, "text": text,
+                "index": index, "stream": True}
     except httpx.HTTPError as exc:
         return {"ok": False, "status": None, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -94,10 +112,17 @@ async def run_load(args) -> dict:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
         before = await scrape(client)
         gate = asyncio.Semaphore(args.concurrency)
+        rng = random.Random(args.seed)
+        arrivals, at = [], 0.0  # seconds after the start: a Poisson process at --arrival-rate, or all at once
+        for _ in range(args.requests):
+            arrivals.append(at)
+            at += rng.expovariate(args.arrival_rate) if args.arrival_rate > 0 else 0.0
+        streamed = [args.stream or rng.random() < args.stream_share for _ in range(args.requests)]
 
         async def bounded(i: int) -> dict:
+            await asyncio.sleep(arrivals[i])
             async with gate:
-                return await one_request(client, args, i)
+                return await one_request(client, args, i, streamed[i])
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(args.requests)))
@@ -123,6 +148,7 @@ async def run_load(args) -> dict:
     errors = [r for r in results if not r["ok"]]
     if errors:
         report["first_error"] = errors[0]
+    report["results"] = results
     return report
 
 
@@ -185,7 +211,7 @@ def free_port() -> int:
 
 def print_report(report: dict, args) -> None:
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
         return
     print(f"{report['ok']}/{report['requests']} requests ok at concurrency {report['concurrency']}, "
           f"max_tokens {report['max_tokens']}, in {report['wall_s']:.1f} s")
@@ -213,12 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--extra", type=json.loads, default={}, help='extra JSON body fields, e.g. \'{"beta": 1.0}\'')
     parser.add_argument("--stream", action="store_true", help="stream responses and measure time to first token")
+    parser.add_argument("--stream-share", type=float, default=0.0, help="share of requests streamed (0..1), drawn per request")
+    parser.add_argument("--arrival-rate", type=float, default=0.0,
+                        help="requests per second arriving as a Poisson process (0: all at once, bounded by -c)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and of the streamed share")
+    parser.add_argument("--questions", metavar="JSONL", default=None,
+                        help="prompts: the 'question' of each line (e.g. ../shared/data/gsm8k/test.jsonl); default: 8 built in")
     parser.add_argument("--api-key", default=os.environ.get("COLD_API_KEY"))
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be >= 1")
+    if not 0 <= args.stream_share <= 1 or args.arrival_rate < 0:
+        parser.error("--stream-share must be in [0, 1] and --arrival-rate >= 0")
+    args.questions = read_questions(args.questions)
 
     process = None
     if args.start:

@@ -6,6 +6,7 @@ tests at the top need no LLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,7 +14,9 @@ import signal
 import time
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -355,51 +358,115 @@ def test_cli_engine_vllm_refuses_beam_search():
     assert result.exit_code == 2 and "does not support --amateur/--amateur-scale" in result.output
 
 
-# ---- cold serve --engine vllm (the app, on the module's LLM) ------------------------------------------
+# ---- cold serve --engine vllm: online, on vLLM's async engine, a real server and the openai client --------
 
 @pytest.fixture(scope="module")
-def vllm_client(vllm_llm):
-    from fastapi.testclient import TestClient
-
+def vllm_server():
     from cold.serve.app import ServerConfig, create_app
     from cold.serve.vllm_backend import VllmBackend
+    from conftest import ServerThread
 
-    llm, lora = vllm_llm
-    with TestClient(create_app(VllmBackend(llm, lora), ServerConfig(model_name="smollm2"))) as client:
-        yield client
+    backend = VllmBackend.load("smollm2", {"demo": str(DEMO)}, max_model_len=1024, kv_cache_gib=0.5)
+    server = ServerThread(create_app(backend, ServerConfig(model_name="smollm2", max_batch=64)))
+    server.backend = backend
+    yield server
+    server.stop()
+    backend.close()
 
 
-def test_server_answers_match_generate_also_when_requests_arrive_together(vllm_client, vllm_llm):
+def _late_amateurs(monkeypatch, pairs, count: int) -> None:
+    """Make the next `count` CoLD pairs fall out of step: the scheduler runs a step with only the
+    expert of the pair before its amateur is added (the failure the pause exists to prevent)."""
+    add_row, left = pairs._add_row, [count]
+
+    async def add_late(ticket, key, role, lora):
+        if role == "amateur" and left[0] > 0:
+            left[0] -= 1
+            await pairs.engine.resume_generation()
+            await asyncio.sleep(0.5)
+        return await add_row(ticket, key, role, lora)
+
+    monkeypatch.setattr(pairs, "_add_row", add_late)
+
+
+def test_online_answers_equal_offline_ones_whenever_requests_arrive(vllm_server, vllm_llm):
+    """Requests that arrive while others decode join the running batch (no waiting for it to end),
+    streamed or not, chat or completion, greedy: every answer has the offline pairs' tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cold.vllm import generate
 
     llm, lora = vllm_llm
-    want = generate(llm, PROMPTS[:4], lora, max_tokens=16, chat=True)
+    want = generate(llm, PROMPTS, lora, max_tokens=NEW, chat=True)
+    client = vllm_server.client()
 
-    def ask(prompt):
-        body = {"model": lora.lora_name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
-        return vllm_client.post("/v1/chat/completions", json=body)
+    def ask(i):
+        time.sleep(0.4 * i)  # arrivals spread over the others' decoding
+        messages = [{"role": "user", "content": PROMPTS[i]}]
+        if i % 2:
+            chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=NEW, stream=True))
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].choices[0].finish_reason
+        answer = client.chat.completions.create(model="demo", messages=messages, max_tokens=NEW)
+        return answer.choices[0].message.content, answer.choices[0].finish_reason
 
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, PROMPTS[:4]))
-    for prompt, answer, w in zip(PROMPTS, answers, want):
-        assert answer.status_code == 200, answer.text
-        choice = answer.json()["choices"][0]
-        assert choice["token_ids"] == w.token_ids and choice["message"]["content"] == w.text, prompt
-    plain = vllm_client.post("/v1/completions", json={"model": lora.lora_name, "prompt": "def fibonacci(n):", "max_tokens": 8})
-    assert plain.json()["choices"][0]["token_ids"] == generate(llm, "def fibonacci(n):", lora, max_tokens=8)[0].token_ids
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(ask, range(len(PROMPTS))))
+    elapsed = time.perf_counter() - start
+    assert [a for a, _ in answers] == [w.text for w in want]
+    assert [r for _, r in answers] == [w.finish_reason for w in want]
+    assert vllm_server.metric("cold_broken_pairs_total") == 0
+    print(f"\n[vLLM online] {len(PROMPTS)} staggered requests in {elapsed:.1f} s")
+    raw = httpx.post(vllm_server.url + "/v1/completions", json={"model": "demo", "prompt": "def fibonacci(n):", "max_tokens": 8})
+    assert raw.json()["choices"][0]["token_ids"] == generate(llm, "def fibonacci(n):", lora, max_tokens=8)[0].token_ids
 
 
-def test_server_refuses_what_it_does_not_offer(vllm_client, vllm_llm):
-    name = vllm_llm[1].lora_name
-    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "stream": True})
-    assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
-    r = vllm_client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
-    assert r.status_code == 404
-    r = vllm_client.post("/v1/completions", json={"model": name, "prompt": "hi", "beta": -1})
-    assert r.status_code == 400 and "beta" in r.json()["error"]["message"]
-    assert [m["id"] for m in vllm_client.get("/v1/models").json()["data"]] == ["smollm2", name]
+def test_online_n_stop_strings_and_other_decoders(vllm_server, vllm_llm):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    client = vllm_server.client()
+    prompt = "Name three colours."
+    sampled = [client.completions.create(model="demo", prompt=prompt, max_tokens=12, n=3, temperature=1.0, seed=5)
+               for _ in range(2)]
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]  # seeded: reproducible
+    assert len({c.text for c in sampled[0].choices}) > 1  # choice j samples with seed + j
+    stopped = client.completions.create(model="demo", prompt=prompt, max_tokens=NEW, stop=["\n"])
+    assert stopped.choices[0].text == generate(llm, prompt, lora, max_tokens=NEW, stop=["\n"])[0].text
+    for decoder in ("expert", "base"):
+        got = client.completions.create(model="demo", prompt=prompt, max_tokens=12, extra_body={"decoder": decoder})
+        assert got.choices[0].text == generate(llm, prompt, lora, decoder=decoder, max_tokens=12)[0].text, decoder
+
+
+def test_a_pair_out_of_step_is_retried_and_a_second_break_is_a_clear_500(vllm_server, vllm_llm, monkeypatch):
+    from cold.vllm import generate
+
+    llm, lora = vllm_llm
+    pairs, client = vllm_server.backend.pairs, vllm_server.client()
+    prompt = PROMPTS[0]
+    want = generate(llm, prompt, lora, max_tokens=NEW)[0].text
+    broken = vllm_server.metric("cold_broken_pairs_total")
+    _late_amateurs(monkeypatch, pairs, 1)
+    assert client.completions.create(model="demo", prompt=prompt, max_tokens=NEW).choices[0].text == want
+    assert vllm_server.metric("cold_broken_pairs_total") == broken + 1
+    _late_amateurs(monkeypatch, pairs, 2)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model="demo", prompt=prompt, max_tokens=NEW)
+    assert "fell out of step inside vLLM twice" in info.value.message and info.value.body["code"] == "cold_pair_failed"
+    assert vllm_server.metric("cold_broken_pairs_total") == broken + 3
+    assert vllm_server.metric("cold_failed_pairs_total") == 1
+    assert client.completions.create(model="demo", prompt=prompt, max_tokens=NEW).choices[0].text == want  # still serving
+
+
+def test_server_refuses_what_it_does_not_offer(vllm_server):
+    for fields, needle in [({"expert_scale": 2.0}, "expert_scale"), ({"amateur": "demo"}, "amateur"),
+                           ({"logprobs": 2}, "logprobs"), ({"beta": -1}, "beta"),
+                           ({"echo": True, "logprobs": 1, "max_tokens": 1}, "echo"),
+                           ({"max_tokens": 5000}, "context")]:
+        r = httpx.post(vllm_server.url + "/v1/completions", json={"model": "demo", "prompt": "hi", **fields})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], (fields, r.text)
+    assert httpx.post(vllm_server.url + "/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
+    assert [m["id"] for m in httpx.get(vllm_server.url + "/v1/models").json()["data"]] == ["smollm2", "demo"]
 
 
 def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
@@ -411,7 +478,6 @@ def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
     import sys
     import threading
 
-    import httpx
     import psutil
 
     with socket.socket() as probe:

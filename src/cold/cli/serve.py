@@ -46,7 +46,7 @@ def serve(
     dtype: Dtype = "auto",
     kv_dtype: Annotated[Optional[str], typer.Option(help="dtype the KV cache stores (default: --dtype). bfloat16 under float32 weights halves the cache's memory; tokens can change where scores nearly tie.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); " + LLAMACPP_HELP + ", the same features; vllm: CoLD pairs inside vLLM (batch-synchronous, no streaming; docs/vllm.md).")] = EngineName.cold,
+    engine_name: Annotated[EngineName, typer.Option("--engine", help="cold: this package's engine (continuous batching, streaming); " + LLAMACPP_HELP + ", the same features; vllm: CoLD pairs inside vLLM's async engine (continuous batching, streaming; docs/vllm.md).")] = EngineName.cold,
 ) -> None:
     """Serve CoLD over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
 

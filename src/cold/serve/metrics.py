@@ -34,5 +34,10 @@ class Metrics:
                                              "Time from a request's arrival to its first generated text.",
                                              buckets=_REQUEST_BUCKETS, registry=r)
 
+        self.broken_pairs = Counter("cold_broken_pairs", "Tries of CoLD pairs that fell out of step inside vLLM "
+                                    "(--engine vllm; each is retried once).", registry=r)
+        self.failed_pairs = Counter("cold_failed_pairs", "CoLD pairs whose retry fell out of step too (answered 500).",
+                                    registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

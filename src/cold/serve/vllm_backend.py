@@ -1,29 +1,29 @@
-"""The backend whose CoLD runs inside vLLM (`cold serve --engine vllm`): batch-synchronous decoding with `cold.vllm.generate`.
+"""The backend whose CoLD runs inside vLLM (`cold serve --engine vllm`): online, on vLLM's async engine.
 
     backend = VllmBackend.load("smollm2", {"smollm2-gsm8k": "path/to/lora"}, dtype="float32")
     app = create_app(backend, ServerConfig(model_name="smollm2"))
 
-One worker thread owns the `vllm.LLM`. It takes every job that has arrived (up to `max_batch`),
-groups them by decoding settings and decodes each group with one `cold.vllm.generate` call (pairs
-added while vLLM's scheduler is paused, so they are admitted together); jobs arriving meanwhile
-wait for the next round, so a new request does not join a running batch mid-way. Each job gets
-its whole answer as one delivery.
+One worker thread runs an event loop that owns the `AsyncLLM`. Each job becomes a task that
+streams its prompt through `cold.vllm.online.OnlinePairs`: a CoLD pair joins vLLM's running batch
+as soon as both of its rows fit (continuous batching), and every piece of text is delivered as
+soon as both rows have produced it. A pair that falls out of step is retried once, then answered
+500 (`cold_pair_failed`); both are counted in /metrics.
 
-Not offered: streaming, n > 1, expert_scale, amateur / amateur_scale; each is a 400 that names it.
-Importing this module does not import vLLM.
+Not offered: expert_scale, amateur / amateur_scale, logprobs on generated tokens, scoring
+prompts; each is a 400 that names it. Importing this module does not import vLLM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cold.errors import ColdError
 from cold.serve.backend import Backend, DecodeThread, Job, deliver
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import ApiError
-from cold.vllm.generate import generate
-from cold.vllm.generator import VllmGenerator
+from cold.vllm.online import OnlinePairs, PairBroken
 
 log = logging.getLogger("cold.serve.vllm_backend")
 
@@ -32,44 +32,43 @@ log = logging.getLogger("cold.serve.vllm_backend")
 class VllmRequest:
     prompt_ids: list[int]
     params: object  # cold.params.DecodeParams, max_new_tokens set
-    group: tuple = field(init=False)  # requests with equal groups are decoded by one generate() call
-
-    def __post_init__(self):
-        p = self.params
-        self.group = (p.decoder, p.alpha, p.beta, p.scoring, p.stop, p.do_sample, p.temperature, p.top_k, p.top_p,
-                      p.seed, p.max_new_tokens)
 
 
 class VllmBackend(Backend):
     name = "vllm"
-    max_n = 1
     token_ids_in_choices = True
 
-    def __init__(self, llm, lora, on_close=None):
-        """`lora` is the LoRARequest served under its name (None: the base model only)."""
-        self.llm, self.lora, self.on_close = llm, lora, on_close
-        self.tokenizer = llm.get_tokenizer()
-        model_config = llm.llm_engine.vllm_config.model_config
+    def __init__(self, engine, lora):
+        """`engine`: a `vllm.v1.engine.async_llm.AsyncLLM` (`cold.vllm.generate.make_async_llm`); `lora`:
+        the LoRARequest served under its name (None: the base model only). `close()` shuts the engine down."""
+        self.engine, self.lora = engine, lora
+        self.tokenizer = engine.get_tokenizer()
+        model_config = engine.vllm_config.model_config
         self.context_length = model_config.max_model_len
         self.vocab_size = min(len(self.tokenizer), model_config.get_vocab_size())
         self.adapter_names = [lora.lora_name] if lora is not None else []
+        self.pairs = OnlinePairs(engine, lora)  # used from the worker's event loop only
 
     @classmethod
-    def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32") -> VllmBackend:
-        """Start vLLM with the (single) adapter; `close()` shuts it down."""
-        generator = VllmGenerator(model, adapters, dtype)
-        return cls(generator.llm, generator.lora, on_close=generator.close)
+    def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32", **options) -> VllmBackend:
+        """Start vLLM's async engine with the (single) adapter; `options` go to `make_async_llm`."""
+        from cold.vllm.generate import make_async_llm
+        from cold.vllm.generator import quiet_vllm_logs
+
+        quiet_vllm_logs()
+        if len(adapters) > 1:
+            raise ColdError("--engine vllm takes one adapter (CoLD pairs use a single LoRA per engine)")
+        name, path = next(iter(adapters.items())) if adapters else (None, None)
+        engine, lora = make_async_llm(model, path, adapter_name=name, dtype=dtype, **options)
+        return cls(engine, lora)
 
     def close(self) -> None:
-        if self.on_close is not None:
-            self.on_close()
+        self.engine.shutdown()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
     def refuse(self, body) -> None:
-        if body.stream:
-            raise ApiError(400, "stream is not supported by `cold serve --engine vllm`", param="stream", code="unsupported_parameter")
         if body.expert_scale not in (None, 1, 1.0):
             raise ApiError(400, "expert_scale is not supported by the vLLM engine", param="expert_scale", code="unsupported_parameter")
         for name in ("amateur", "amateur_scale"):
@@ -81,60 +80,108 @@ class VllmBackend(Backend):
 
     def make_request(self, prompt_ids: list[int], params) -> VllmRequest:
         params.validate()
+        if params.num_beams > 1:
+            raise ColdError("beam search is not offered by the vLLM engine")
+        self.pairs.check(prompt_ids, params)  # a request vLLM's limits could never admit is a 400 now
         return VllmRequest(list(prompt_ids), params)
 
     def worker(self, max_batch: int, max_queue: int, metrics: Metrics) -> VllmWorker:
-        return VllmWorker(self.llm, self.lora, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+        return VllmWorker(self, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
 
 
 class VllmWorker(DecodeThread):
-    """Owns the LLM: takes the queued jobs, decodes each settings group with `cold.vllm.generate`."""
+    """Owns the async engine: an event loop in this thread, one task per job (up to `max_batch` at once)."""
 
     thread_name = "cold-vllm-worker"
 
-    def __init__(self, llm, lora, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None):
+    def __init__(self, backend: VllmBackend, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         super().__init__(max_queue, metrics)
-        self.llm, self.lora, self.max_batch = llm, lora, max_batch
+        self.backend, self.max_batch = backend, max_batch
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._tasks: dict[int, tuple[Job, asyncio.Task]] = {}  # job key -> its job and task (this thread only)
+
+    # ---- any thread -------------------------------------------------------------------------
+
+    def submit(self, jobs: list[Job]) -> None:
+        super().submit(jobs)
+        self._poke()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+        self._poke()
+        super().stop(timeout)
+
+    def _cancel_running(self, keys: set[int]) -> None:
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._cancel_tasks, keys)
+
+    def _poke(self) -> None:
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._wake.set)
+
+    # ---- the worker thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._wake = asyncio.Event()
+        self._event_loop = asyncio.get_running_loop()
+        self.backend.pairs.on_broken = self.metrics.broken_pairs.inc
         while True:
             with self._cond:
-                while not (self._stopping or self._pending):
-                    self._cond.wait()
                 if self._stopping:
                     break
-                batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                room = self.max_batch - len(self._tasks)
+                jobs = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 self.metrics.queue_length.set(len(self._pending))
-                self._running = len(batch)
+            for job in jobs:
+                if not job.done:
+                    self._tasks[job.key] = (job, asyncio.create_task(self._decode(job)))
+            self._running = len(self._tasks)
             self.metrics.running.set(self._running)
-            groups: dict[tuple, list[Job]] = {}
-            for job in batch:
-                groups.setdefault(job.request.group, []).append(job)
-            for jobs in groups.values():
-                self._decode(jobs)
-            self._running = 0
-            self.metrics.running.set(0)
+            await self._wake.wait()
+            self._wake.clear()
+        tasks = [task for _, task in self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its vLLM requests
 
-    def _decode(self, jobs: list[Job]) -> None:
-        p = jobs[0].request.params
+    def _leftover(self) -> list[Job]:
+        return [job for job, _ in self._tasks.values() if not job.done]
+
+    def _cancel_tasks(self, keys: set[int]) -> None:
+        for key in keys:
+            if key in self._tasks:
+                self._tasks[key][1].cancel()
+                self.metrics.cancelled.inc()
+
+    async def _decode(self, job: Job) -> None:
+        request = job.request
         try:
-            out = generate(self.llm, [j.request.prompt_ids for j in jobs], self.lora, decoder=p.decoder, alpha=p.alpha,
-                           beta=p.beta, scoring=p.scoring, max_tokens=p.max_new_tokens, stop=p.stop,
-                           do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+            async for event in self.backend.pairs.stream(request.prompt_ids, request.params):
+                self.metrics.completion_tokens.inc(len(event.token_ids))
+                if event.finish_reason is not None:
+                    job.done = True
+                deliver(job, event)
+        except asyncio.CancelledError:
+            pass  # the client went away, or the server is stopping (the job is failed with 503 then)
+        except PairBroken as exc:
+            self.metrics.failed_pairs.inc()
+            log.error("%s", exc)
+            self._fail(job, str(exc), code="cold_pair_failed")
         except ColdError as exc:
-            log.error("vLLM decoding failed: %s", exc)
-            for job in jobs:
-                self._fail(job, str(exc), code="cold_pair_failed")
-            return
-        except Exception as exc:  # noqa: BLE001 - the thread must keep serving
+            self._fail(job, str(exc), 400, "invalid_value")
+        except Exception as exc:  # noqa: BLE001 - the worker must keep serving
             log.exception("vLLM decoding failed")
-            for job in jobs:
-                self._fail(job, f"vLLM failed: {type(exc).__name__}: {exc}")
-            return
-        for job, generation in zip(jobs, out):  # a Generation: text, token_ids, finish_reason
-            self.metrics.completion_tokens.inc(len(generation.token_ids))
-            if not job.done:
-                job.done = True
-                deliver(job, generation)
+            self._fail(job, f"vLLM failed: {type(exc).__name__}: {exc}")
+        finally:
+            if not self._stopping:
+                self._tasks.pop(job.key, None)
+                self._running = len(self._tasks)
+                self.metrics.running.set(self._running)
+                self._wake.set()

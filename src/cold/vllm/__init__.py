@@ -4,6 +4,7 @@
     processor.py  ColdPairProcessor: the vLLM batch-level logits processor (V1 model runner)
     processor_v2.py  ColdPairProcessorV2: the same for Model Runner V2
     generate.py   make_llm (an LLM configured for pairs) and generate (prompts -> Generations)
+    online.py     OnlinePairs: pairs on vLLM's async engine, admitted as they arrive (cold serve --engine vllm)
 
 Importing `cold.vllm` does not import vLLM; `make_llm` / `generate` do (with a clear error
 when it is missing).

@@ -48,7 +48,35 @@ def require_vllm():
     return vllm
 
 
-def make_llm(
+def make_llm(model: str = "smollm2", adapter: str | Path | None = None, **options):
+    """A `vllm.LLM` set up for CoLD pairs, and the LoRARequest of `adapter` (None without one).
+
+    `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file); the
+    options are `engine_kwargs`'.
+    """
+    vllm = require_vllm()
+    kwargs, lora = engine_kwargs(model, adapter, **options)
+    try:
+        return vllm.LLM(**kwargs), lora
+    except Exception as exc:
+        raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+
+
+def make_async_llm(model: str = "smollm2", adapter: str | Path | None = None, **options):
+    """vLLM's async engine (`AsyncLLM`, for serving online: requests join the running batch) set up
+    as `make_llm` sets up an LLM, and the LoRARequest of `adapter`."""
+    require_vllm()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs, lora = engine_kwargs(model, adapter, **options)
+    try:
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), lora
+    except Exception as exc:
+        raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+
+
+def engine_kwargs(
     model: str = "smollm2",
     adapter: str | Path | None = None,
     *,
@@ -59,17 +87,15 @@ def make_llm(
     kv_cache_gib: float = 2.0,
     seed: int = 0,
     **llm_kwargs,
-):
-    """A `vllm.LLM` set up for CoLD pairs, and the LoRARequest of `adapter` (None without one).
+) -> tuple[dict, object]:
+    """vLLM engine arguments set up for CoLD pairs, and the LoRARequest of `adapter`.
 
-    `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file).
     `dtype` is what `--dtype` takes; "auto" is cold's default (`cold.load.models.default_dtype`).
     Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the logits
     processor is the one of the model runner vLLM picks (`runner_processor`), and
-    `max_num_batched_tokens` is `max_model_len * 4` unless given. Other keyword arguments go to
-    `vllm.LLM`; speculative decoding is refused (a pair's rows must score one position each).
+    `max_num_batched_tokens` is `max_model_len * 4` unless given. Other keyword arguments are
+    vLLM's; speculative decoding is refused (a pair's rows must score one position each).
     """
-    vllm = require_vllm()
     spec = sorted(k for k in llm_kwargs if k.startswith("spec") and llm_kwargs[k] is not None)
     if spec:
         raise ColdError(f"CoLD pairs cannot run with speculative decoding ({', '.join(spec)})")
@@ -98,11 +124,7 @@ def make_llm(
         # would get the adapter too; a second, never-filled slot keeps that last slot all zeros.
         kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (rank - 1).bit_length()), max_loras=2)
     kwargs.update(llm_kwargs)
-    try:
-        llm = vllm.LLM(**kwargs)
-    except Exception as exc:
-        raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
-    return llm, lora
+    return kwargs, lora
 
 
 def runner_processor() -> str:
@@ -125,7 +147,11 @@ def shutdown(llm) -> None:
 
 def pair_limits(llm) -> dict:
     """The engine limits a wave must fit in, read from the running LLM's config."""
-    config = llm.llm_engine.vllm_config
+    return engine_limits(llm.llm_engine.vllm_config)
+
+
+def engine_limits(config) -> dict:
+    """The limits pairs must fit in, read from a running engine's `VllmConfig`."""
     sched = config.scheduler_config
     if getattr(sched, "enable_chunked_prefill", False):
         raise ColdError(
@@ -193,13 +219,13 @@ def generate(
     Returns one `cold.decoding.engine.Generation` per prompt (token_ids: generated ids, EOS included).
     """
     require_vllm()
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     if decoder not in DECODERS:
         raise ColdError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    DecodeParams(decoder=decoder, alpha=alpha, beta=beta, scoring=scoring, max_new_tokens=max_tokens, stop=tuple(stop),
-                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).validate()
+    checked = DecodeParams(decoder=decoder, alpha=alpha, beta=beta, scoring=scoring, max_new_tokens=max_tokens,
+                           stop=tuple(stop), do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed).validate()
     if decoder != "base" and adapter is None:
         raise ColdError(f"decoder {decoder!r} needs a LoRA adapter (make_llm(..., adapter=DIR) returns its LoRARequest)")
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -219,12 +245,8 @@ def generate(
         raise ColdError("the tokenizer defines no EOS token, which a broken CoLD pair needs to be ended")
     call = uuid.uuid4().hex[:12]
 
-    def params(i: int, role: str | None) -> SamplingParams:
-        extra = None
-        if role is not None:
-            extra = PairTag(f"{call}-{i}", role, float(alpha), float(beta), scoring, int(eos)).to_extra_args()
-        sample = dict(temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p, seed=pair_seeds[i]) if do_sample else dict(temperature=0.0)
-        return SamplingParams(max_tokens=max_tokens, stop=list(stop) or None, extra_args=extra, **sample)
+    def params(i: int, role: str | None):
+        return sampling_params(checked, pair_seeds[i], pair_tag(f"{call}-{i}", role, checked, eos) if role else None)
 
     rng = random.Random(seed)
     pair_seeds = [rng.getrandbits(31) for _ in encoded]
@@ -245,6 +267,23 @@ def generate(
             check_pair(i, list(expert.token_ids), list(amateur.token_ids))
             results.append(_generation(*encoded[i], expert))
     return results
+
+
+def pair_tag(pair: str, role: str, params: DecodeParams, eos: int) -> PairTag:
+    """The tag of one row of pair `pair` decoding with `params` (EOS: what a broken pair's expert is forced to)."""
+    return PairTag(pair, role, float(params.alpha), float(params.beta), params.scoring, int(eos))
+
+
+def sampling_params(params: DecodeParams, seed: int, tag: PairTag | None = None, **more):
+    """vLLM's SamplingParams for one row: greedy, or sampled with `seed` (the two rows of a pair
+    share it, so both draw the same token); max_new_tokens, stop strings, the pair tag; `more`
+    are further SamplingParams fields."""
+    from vllm import SamplingParams
+
+    sample = (dict(temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p,
+                   seed=seed) if params.do_sample else dict(temperature=0.0))
+    return SamplingParams(max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                          extra_args=tag.to_extra_args() if tag is not None else None, **sample, **more)
 
 
 def run_together(llm, requests: list[tuple]) -> dict:

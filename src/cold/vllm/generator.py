@@ -9,13 +9,18 @@ from cold.params import DecodeParams
 from cold.vllm.generate import generate, make_llm, shutdown
 
 
+def quiet_vllm_logs() -> None:
+    """vLLM logs to stdout at INFO by default: send it to stderr, warnings only, unless the user set otherwise
+    (stdout is for the answers, e.g. --json)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
 class VllmGenerator:
     """What `cold.cli` needs of an engine (`generate(prompts, params, chat=)`), over a vllm.LLM."""
 
     def __init__(self, model: str, adapters: dict[str, str], dtype: str = "float32", max_model_len: int = 2048):
-        # vLLM logs to stdout at INFO by default; keep stdout for the answers (--json).
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        quiet_vllm_logs()
         if len(adapters) > 1:
             raise ColdError("--engine vllm takes one adapter (CoLD pairs use a single LoRA per LLM)")
         name, path = next(iter(adapters.items())) if adapters else (None, None)
