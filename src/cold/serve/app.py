@@ -473,7 +473,7 @@ class _Server:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         call = _Call(kind, body.model, jobs, queue, prompt_tokens, start, self.metrics,
                      [prompts[i // n].text if echo else "" for i in range(len(jobs))], self.backend.token_ids_in_choices,
-                     self.backend.tokenizer if params.logprobs is not None else None)
+                     self.backend.tokenizer if params.logprobs is not None else None, streamed=bool(body.stream))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _JobStream(self._stream(request, call, include_usage), lambda: self.worker.cancel(call.jobs),
@@ -543,8 +543,9 @@ class _Call:
     """The state of one generation request: its jobs, their texts so far, and the OpenAI shapes."""
 
     def __init__(self, kind, model, jobs, queue, prompt_tokens, start, metrics, echoes, token_ids_in_choices=False,
-                 logprobs_tokenizer=None):
-        """`logprobs_tokenizer`: where the choices report log-probabilities, the tokenizer that shows their tokens."""
+                 logprobs_tokenizer=None, streamed=True):
+        """`logprobs_tokenizer`: where the choices report log-probabilities, the tokenizer that shows their tokens;
+        `streamed`: whether `add` builds stream chunks (a non-streamed answer is built once, by `response`)."""
         self.kind, self.model, self.jobs, self.queue = kind, model, jobs, queue
         self.prompt_tokens, self.start, self.metrics = prompt_tokens, start, metrics
         self.token_ids_in_choices = token_ids_in_choices
@@ -557,6 +558,7 @@ class _Call:
         self.remaining = len(jobs)
         self.first_seen = False
         self.tokenizer = logprobs_tokenizer
+        self.streamed = streamed
         self.logprobs: list[list] = [[] for _ in jobs]  # each choice's TokenLogprobs so far
         self.logprobs_sent = [0] * len(jobs)  # of those, how many a stream chunk has carried
         self.logprobs_offset = [0] * len(jobs)  # characters of those tokens' texts (completions' text_offset)
@@ -578,7 +580,7 @@ class _Call:
             self.remaining -= 1
             if self.finished:
                 self.metrics.request_seconds.observe(time.perf_counter() - self.start)
-        if not event.text and event.finish_reason is None:
+        if not self.streamed or (not event.text and event.finish_reason is None):
             return None
         if self.kind == "chat":
             delta = {"content": event.text} if event.text else {}
