@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.11, pip, no GPU, no hub access):
-#   make demo   - accuracy of CoLD vs. the LoRA expert vs. the base model on generated coin-flip problems
+#   make demo   - accuracy of CoLD (against the base model, and against an anti-expert) vs. the LoRA expert on generated coin-flip problems
 #   make test   - the test suite
 # Both create .venv on first use; later runs reuse it (a stamp is rebuilt when pyproject.toml or this file changes).
 # The demo installs the package and its built-in model only; the tests add the optional extras, so that
@@ -28,11 +28,14 @@ LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VAR
 LLAMACPP_WHEELS ?= $(HOME)/.cache/cold/wheels/llama-cpp-python-$(LLAMACPP_VERSION)-all-cpu-variants
 LLAMACPP_BUILT := $(LLAMACPP_WHEELS)/built
 TEST_EXTRAS := .[test,vllm,llamacpp,lm-eval]
-# The main job: CoLD against the adapter's own greedy decoding (and the base model, and the adapter
-# scaled up) on coin-flip problems the project generates itself, with the built-in coin-flip adapter.
-# cold@0.1/0.5 is the setting `cold tune` chose for this adapter (docs/accuracy.md).
-DEMO_DECODERS := base,expert,expert@1.5,cold@0.1/0.5
-DEMO_ARGS := --task coin_flip --split gen-test --limit 64 --max-new-tokens 64 --decoders $(DEMO_DECODERS) --out eval-runs/demo
+# The main job: on coin-flip problems the project generates itself, an adapter with room to improve (the
+# shipped step-50 snapshot of the coin-flip training) decoded greedily (expert), CoLD against the base model
+# (the published setting, cold@0.1/0.5) and CoLD against the anti-expert trained on the snapshot's own wrong
+# answers (cold@0.3/1:amateur, its tuned setting; `cold anti-expert` makes such a pair), and the base model.
+DEMO_DECODERS := base,expert,cold@0.1/0.5,cold@0.3/1:amateur
+DEMO_ARGS := --task coin_flip --split gen-test --limit 100 --max-new-tokens 64 --decoders $(DEMO_DECODERS) \
+	--adapter src/cold/demo_adapters/smollm2-coin_flip-step-50 \
+	--amateur-adapter src/cold/demo_adapters/smollm2-coin_flip-step-50-selfneg --out eval-runs/demo-pair
 
 .PHONY: install demo test clean
 

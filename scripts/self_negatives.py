@@ -6,6 +6,7 @@ mistakes, to serve as CoLD's amateur.
     python scripts/self_negatives.py eval-runs/ll-gen-train-expert [MORE_RUNS ...] --out runs/data/ll-self-negatives.json
     cold train --task last_letters --data runs/data/ll-self-negatives.json ...
 
+`cold anti-expert` runs this whole path (and tunes and measures the pair) in one command;
 `scripts/hard_negatives.py` does this for multiple choice (the wrong choice the expert ranks
 highest); here the task is generative, so a negative is what the expert actually wrote where the
 answer it gives is wrong. The run must be on training problems (a generated `gen-train` split, or
@@ -19,44 +20,11 @@ limit are left out (they teach length, not the mistake).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from cold.errors import ColdError
-from cold.evaluation.runner import RECORDS_DIR, RUN_FILE
-from cold.tasks.readers import get_task
-
-HELD_OUT_SPLITS = ("test", "dev", "gen-tune", "gen-test")
-
-
-def self_negatives(run_dir: Path, decoder: str = "expert", rule: str = "flexible") -> tuple[list[dict], dict]:
-    """(examples, counts): the decoder's wrong, finished outputs in `run_dir` (the problems it has
-    finished so far), each with its problem's question and right answer, read from the run's data
-    file by the run's task reader."""
-    run_path = run_dir / RUN_FILE
-    records_path = run_dir / RECORDS_DIR / f"{decoder}.jsonl"
-    for path in (run_path, records_path):
-        if not path.is_file():
-            raise ColdError(f"{path} not found: give the output directory of a `cold eval` run with decoder {decoder!r}")
-    run = json.loads(run_path.read_text(encoding="utf-8"))
-    if run.get("split") in HELD_OUT_SPLITS:
-        raise ColdError(f"{run_dir} ran on the {run['split']!r} split, which is held out for tuning or testing: "
-                        "take negatives from training problems (e.g. --split gen-train)")
-    problems = {p.id: p for p in get_task(run["task"]).read(Path(run["data"]))}  # the run's own reader and ids
-    examples, counts = [], {"records": 0, "right": 0, "cut off": 0}
-    for line in records_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        counts["records"] += 1
-        if record["correct"][rule]:
-            counts["right"] += 1
-        elif record["finish_reason"] == "length":
-            counts["cut off"] += 1
-        else:
-            problem = problems[record["id"]]
-            examples.append({"question": problem.question, "answer": problem.gold, "worked": record["output"].strip()})
-    counts["negatives"] = len(examples)
-    return examples, counts
+from cold.training.negatives import self_negatives, write_negatives
 
 
 def main() -> None:
@@ -76,8 +44,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     if not examples:
         sys.exit(f"error: no wrong, finished outputs in {', '.join(map(str, args.run_dirs))} ({counts})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"examples": examples}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_negatives(examples, args.out)
     print(f"{args.out}: {counts['negatives']} negatives from {counts['records']} outputs "
           f"({counts['right']} right, {counts['cut off']} cut off at the token limit)")
 

@@ -218,7 +218,7 @@ CLI_CASES = [
     ("generate --model {tiny} --adapter ={lora} hi", "adapter"),
     ("generate --model {tiny} --adapter a={lora} --adapter a={lora} hi", "twice"),
     (GEN + " --use nope hi", "nope"),
-    (GEN + " --amateur nope hi", "unknown adapter 'nope'"),
+    (GEN + " --amateur nope hi", "neither a loaded adapter"),
     # ---- cold generate: prompts
     (GEN + " --input {bad_utf8_jsonl}", "not valid UTF-8"),
     (GEN + " --input {bad_json_jsonl}", "not valid JSON"),

@@ -56,7 +56,7 @@ def test_an_adapter_as_the_amateur(tiny_dir, tiny_lora):
     assert [r["token_ids"] for r in records(versus)] == expert
     assert [r["token_ids"] for r in records(run(*common))] != expert
     unknown = run(*common, "--amateur", "middle")
-    assert unknown.exit_code == 2 and "unknown adapter 'middle'; loaded: final, early" in unknown.output
+    assert unknown.exit_code == 2 and "neither a loaded adapter (final, early)" in unknown.output
     not_cold = run(*common, "--decoder", "expert", "--amateur", "early")
     assert not_cold.exit_code == 2 and "--amateur and --amateur-scale apply to --decoder cold only" in not_cold.output
 

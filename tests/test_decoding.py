@@ -254,32 +254,50 @@ def test_logprobs_of_generated_tokens_equal_scoring_the_text(engine, decoder, sc
     assert engine.generate(PROMPTS[0], max_new_tokens=2)[0].logprobs is None
 
 
+def test_an_adaptive_beta_schedule_decodes_and_scores_by_one_rule(engine):
+    """With beta_schedule=jsd, the CoLD log-probabilities reported with each generated token equal
+    what `Engine.logprobs` gives the text under the same schedule; greedy takes their best token."""
+    kwargs = dict(decoder="cold", alpha=0.05, beta=8.0, beta_schedule="jsd")
+    gens = engine.generate(PROMPTS, max_new_tokens=NEW, logprobs=2, logprob_score="cold", ignore_eos=True, **kwargs)
+    for prompt, gen in zip(PROMPTS, gens):
+        scored = engine.logprobs([ids_of(engine, prompt) + gen.token_ids], **kwargs)[0]
+        assert [e.logprob for e in gen.logprobs] == pytest.approx(scored.token_logprobs[-NEW:], abs=1e-4)
+        assert all(e.top[0][0] == e.token_id for e in gen.logprobs)
+    constant = engine.generate(PROMPTS, max_new_tokens=NEW, decoder="cold", beta_schedule="constant")
+    assert [g.token_ids for g in constant] == [g.token_ids for g in engine.generate(PROMPTS, max_new_tokens=NEW)]
+
+
 @pytest.mark.parametrize("forms", [("logit", "logit"), ("logit", "logprob")])
-def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, forms):
+@pytest.mark.parametrize("schedules", [("constant", "constant"), ("entropy", "jsd"), ("jsd", "entropy")])
+def test_scores_of_a_mixed_batch_equal_the_full_vocabulary_definition(engine, forms, schedules):
     """Logit-form CoLD computes the amateur (and the score) on the plausible columns only; every
-    entry must still equal the score rule applied to both rows' full logits. (A mask that holds
-    one token scores it without the amateur, whose logits cannot change the choice: only which
-    entry is finite is checked there. The amateurs that are needed were caught up by `scores`.)"""
+    entry must still equal the score rule applied to both rows' full logits, with each sequence's
+    beta scaled by its schedule's weight from those full logits. (A mask that holds one token
+    scores it without the amateur, whose logits cannot change the choice: only which entry is
+    finite is checked there. The amateurs that are needed were caught up by `scores`.)"""
     from cold.params import DecodeParams
     from cold.sampling import scoring
     from cold.sampling.sampler import Sampler
     from conftest import prefill
 
-    settings = [("cold", 0.1, 0.5, "logit"), ("expert", 0.1, 0.5, "logit"), ("cold", 0.01, 1.0, forms[0]),
-                ("base", 0.1, 0.5, "logit"), ("cold", 0.3, 2.0, forms[1])]
-    requests = [engine.make_request(PROMPTS[i % len(PROMPTS)], DecodeParams(decoder=d, alpha=a, beta=b, scoring=f))
-                for i, (d, a, b, f) in enumerate(settings)]
+    settings = [("cold", 0.1, 0.5, "logit", "constant"), ("expert", 0.1, 0.5, "logit", "constant"),
+                ("cold", 0.01, 4.0, forms[0], schedules[0]), ("base", 0.1, 0.5, "logit", "constant"),
+                ("cold", 0.3, 8.0, forms[1], schedules[1])]
+    requests = [engine.make_request(PROMPTS[i % len(PROMPTS)], DecodeParams(decoder=d, alpha=a, beta=b, scoring=f, beta_schedule=sch))
+                for i, (d, a, b, f, sch) in enumerate(settings)]
     with torch.inference_mode():
         layout, state = prefill(engine, requests)
         got = engine.runner.scores(state, Sampler.build([r.params for r in requests], engine.device),
                                    engine.runner.expert_logits(state))
         full = engine.runner.logits(state.hidden, layout)  # [R, V] every row's full logits
-    for s, (decoder, alpha, beta, form) in enumerate(settings):
+    for s, (decoder, alpha, beta, form, schedule) in enumerate(settings):
         expert = full[layout.expert_row[s]][None]
         if decoder != "cold":
             torch.testing.assert_close(got[s], expert[0], rtol=1e-5, atol=1e-4)  # plain logits
             continue
         amateur = full[layout.amateur_row[s]][None]
+        beta = {"constant": 1.0, "entropy": float(scoring.entropy_weight(expert)),
+                "jsd": float(scoring.jsd_weight(expert, amateur))}[schedule] * beta
         expected = scoring.contrastive_scores(expert, amateur, torch.tensor([alpha]), torch.tensor([beta]), form)[0]
         assert torch.equal(torch.isinf(got[s]), torch.isinf(expected)), (alpha, beta, form)
         if int(torch.isfinite(expected).sum()) > 1:

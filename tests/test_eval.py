@@ -15,7 +15,8 @@ from cold.cli import app
 from cold.errors import ColdError
 from cold.evaluation import report, stats
 from cold.evaluation.decoders import DecoderSpec, parse_decoder, parse_decoders
-from cold.evaluation.runner import RecordFile, fingerprint, open_run_dir, run_decoders
+from cold.evaluation.runner import RecordFile, open_run_dir, run_decoders
+from cold.load.paths import fingerprint
 from cold.tasks.extract import extract, is_correct, normalize_gold, normalize_number
 from cold.tasks.prompts import EXEMPLARS, make_style
 from cold.tasks.readers import TASKS, Problem, data_root, get_task, read_jsonl, select

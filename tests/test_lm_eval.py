@@ -165,7 +165,7 @@ def test_the_command_line(tiny_dir, lora, tasks_dir, tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == ("error: unknown model_args for --model cold: colour; known: model, "
-                                                   "adapter, decoder, alpha, beta, scoring, expert_scale, amateur_adapter, "
+                                                   "adapter, decoder, alpha, beta, scoring, beta_schedule, expert_scale, amateur_adapter, "
                                                    "amateur_scale, score, penalty, dtype, device, batch_size, max_length")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,69 @@ def test_beta_zero_returns_the_expert_logits_exactly():
     expert, amateur = torch.randn(3, 40), torch.randn(3, 40)
     score = scoring.contrastive_scores(expert, amateur, torch.zeros(3), torch.zeros(3))
     assert torch.equal(score, expert)
+
+
+@settings(max_examples=60, deadline=None)
+@given(expert=logits_strategy, seed=st.integers(0, 1000), alpha=st.floats(0.01, 1.0), beta=st.floats(0.0, 5.0))
+def test_a_constant_beta_schedule_is_todays_score(expert, seed, alpha, beta):
+    amateur = torch.randn(expert.shape, generator=torch.Generator().manual_seed(seed))
+    rows = expert.shape[0]
+    alphas, betas = torch.full((rows,), alpha), torch.full((rows,), beta)
+    valid = scoring.plausibility_mask(expert, alphas)
+    for form in ("logit", "logprob"):
+        today = scoring.contrastive_scores(expert, amateur, alphas, betas, form)
+        for schedules in (None, ["constant"] * rows):
+            assert torch.equal(scoring.contrastive_scores_by_form(expert, amateur, betas, [form] * rows, valid, schedules), today)
+    assert torch.equal(scoring.cold_log_probs(expert, amateur, alphas, betas, schedule="constant"),
+                       scoring.cold_log_probs(expert, amateur, alphas, betas))
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp(min=1e-300).log()).sum(-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(expert=logits_strategy, seed=st.integers(0, 1000))
+def test_schedule_weights_follow_their_definitions(expert, seed):
+    amateur = torch.randn(expert.shape, generator=torch.Generator().manual_seed(seed)) * 3
+    p, q = torch.softmax(expert.double(), -1), torch.softmax(amateur.double(), -1)
+    entropy = scoring.entropy_weight(expert)
+    torch.testing.assert_close(entropy.double(), _entropy(p) / math.log(expert.shape[-1]), atol=1e-5, rtol=0)
+    m = (p + q) / 2
+    kl = lambda a, b: (a * (a.clamp(min=1e-300).log() - b.clamp(min=1e-300).log())).sum(-1)  # noqa: E731
+    jsd = scoring.jsd_weight(expert, amateur)
+    torch.testing.assert_close(jsd.double(), ((kl(p, m) + kl(q, m)) / 2 / math.log(2)).clamp(0, 1), atol=1e-5, rtol=0)
+    for weight in (entropy, jsd):
+        assert torch.all((weight >= 0) & (weight <= 1))
+    torch.testing.assert_close(scoring.jsd_weight(expert, expert), torch.zeros(expert.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_schedule_weights_at_their_extremes():
+    vocab = 64
+    uniform, peaked = torch.zeros(1, vocab), torch.full((1, vocab), -1e4)
+    peaked[0, 3] = 0.0
+    other = torch.full((1, vocab), -1e4)
+    other[0, 9] = 0.0
+    assert float(scoring.entropy_weight(uniform)) == pytest.approx(1.0, abs=1e-5)
+    assert float(scoring.entropy_weight(peaked)) == pytest.approx(0.0, abs=1e-5)
+    assert float(scoring.jsd_weight(peaked, other)) == pytest.approx(1.0, abs=1e-5)  # no token in common
+
+
+@settings(max_examples=40, deadline=None)
+@given(expert=logits_strategy, seed=st.integers(0, 1000), beta=st.floats(0.0, 20.0))
+def test_a_scheduled_score_is_todays_score_at_the_scaled_beta(expert, seed, beta):
+    """A batch mixing schedules scores each sequence as `contrastive_scores` at its own beta x weight."""
+    amateur = torch.randn(expert.shape, generator=torch.Generator().manual_seed(seed))
+    rows = expert.shape[0]
+    schedules = [("constant", "entropy", "jsd")[i % 3] for i in range(rows)]
+    alphas, betas = torch.full((rows,), 0.1), torch.full((rows,), beta)
+    valid = scoring.plausibility_mask(expert, alphas)
+    got = scoring.contrastive_scores_by_form(expert, amateur, betas, ["logit"] * rows, valid, schedules)
+    for row, schedule in enumerate(schedules):
+        e, a = expert[row : row + 1], amateur[row : row + 1]
+        weight = {"constant": 1.0, "entropy": float(scoring.entropy_weight(e)), "jsd": float(scoring.jsd_weight(e, a))}[schedule]
+        want = scoring.contrastive_scores(e, a, alphas[:1], torch.tensor([beta * weight]))
+        torch.testing.assert_close(got[row : row + 1], want, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -43,7 +43,8 @@ EOS = 2
 # ---- pair bookkeeping, no vLLM engine ------------------------------------------------------------
 
 def params(pair: str, role: str, **kw):
-    return SimpleNamespace(extra_args=PairTag(pair, role, kw.get("alpha", 0.1), kw.get("beta", 0.5), "logit", EOS).to_extra_args())
+    return SimpleNamespace(extra_args=PairTag(pair, role, kw.get("alpha", 0.1), kw.get("beta", 0.5), "logit", EOS,
+                                              kw.get("beta_schedule", "constant")).to_extra_args())
 
 
 SWAP, ONE_WAY = "swap", "one-way"
@@ -152,8 +153,8 @@ def test_v2_processor_scores_pairs_through_reordered_rows_like_the_v1_processor(
 
     states = V2Slots()
     v2 = ColdPairProcessorV2(None, states)
-    requests = {0: params("p", "expert"), 5: params("p", "amateur"), 2: params("q", "expert", beta=1.0),
-                3: params("q", "amateur", beta=1.0), 1: SimpleNamespace(extra_args=None)}
+    requests = {0: params("p", "expert"), 5: params("p", "amateur"), 2: params("q", "expert", beta=4.0, beta_schedule="jsd"),
+                3: params("q", "amateur", beta=4.0, beta_schedule="jsd"), 1: SimpleNamespace(extra_args=None)}
     assert [v2.add_request(slot, sp) for slot, sp in requests.items()] == [True, True, True, True, False]
     for slot in requests:
         states.fill(slot, [5, 6], [7])
@@ -161,9 +162,11 @@ def test_v2_processor_scores_pairs_through_reordered_rows_like_the_v1_processor(
         logits = random_logits(len(slots), seed=step)
         want = logits.clone()
         row = {slot: r for r, slot in enumerate(slots)}
-        for expert, amateur, beta in [(0, 5, 0.5), (2, 3, 1.0)]:
-            score = scoring.contrastive_scores(want[[row[expert]]], want[[row[amateur]]], torch.tensor([0.1]),
-                                               torch.tensor([beta]))[0]
+        for expert, amateur, beta, schedule in [(0, 5, 0.5, "constant"), (2, 3, 4.0, "jsd")]:
+            e, a = want[[row[expert]]], want[[row[amateur]]]
+            if schedule == "jsd":  # the pair's beta, scaled by its rows' divergence at this step
+                beta *= float(scoring.jsd_weight(e, a))
+            score = scoring.contrastive_scores(e, a, torch.tensor([0.1]), torch.tensor([beta]))[0]
             want[row[expert]] = want[row[amateur]] = score
         got = v2.apply(logits.clone(), v2_context(slots))
         assert torch.equal(got, want), step  # the untagged slot's row is untouched

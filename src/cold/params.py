@@ -10,6 +10,9 @@ from cold.errors import ColdError
 
 DECODERS = ("cold", "expert", "base")  # the only list of decoders
 SCORING_FORMS = ("logit", "logprob")  # the only list of CoLD score forms (cold.sampling.scoring)
+# how beta varies step by step (cold.sampling.scoring.contrast_weights): not at all, with the expert's
+# entropy, or with the Jensen-Shannon divergence of the expert's and the amateur's distributions
+BETA_SCHEDULES = ("constant", "entropy", "jsd")
 LOGPROB_SCORES = ("expert", "cold")  # whose log-probabilities are reported: the decoding model's own, or CoLD's
 MAX_LOGPROBS = 20  # the most alternatives reported per token (the OpenAI API's limit)
 MAX_BETA = 100.0  # a larger contrast only amplifies rounding (and overflows in sampling)
@@ -38,6 +41,9 @@ class DecodeParams:
              that scale instead.
     alpha, beta, scoring: the CoLD plausibility threshold, contrast strength and score form
              ("logit" = (1+beta)s_e - beta s_a; "logprob" = Li et al. log p_e - beta/(1+beta) log p_a).
+    beta_schedule: "constant" (beta at every step), "entropy" (beta times the expert's entropy over
+             log V) or "jsd" (beta times the Jensen-Shannon divergence of the expert's and the
+             amateur's next-token distributions over log 2); both weights lie in [0, 1].
     do_sample, temperature, top_k, top_p, seed: sampling from the score (greedy if do_sample is False).
     num_beams, length_penalty: beam search over log-softmax(score) when num_beams > 1.
     max_new_tokens, stop: stop after this many tokens, at EOS, or at any of the stop strings.
@@ -56,6 +62,7 @@ class DecodeParams:
     alpha: float = 0.1
     beta: float = 0.5
     scoring: str = "logit"
+    beta_schedule: str = "constant"
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -84,6 +91,8 @@ class DecodeParams:
             raise ColdError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.scoring not in SCORING_FORMS:
             raise ColdError(f"scoring must be one of {', '.join(SCORING_FORMS)}, got {self.scoring!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ColdError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
         _check(_finite(self.alpha) and 0 < self.alpha <= 1, f"alpha must be in (0, 1], got {self.alpha}")
         _check(_finite(self.beta) and 0 <= self.beta <= MAX_BETA, f"beta must be in [0, {MAX_BETA:g}], got {self.beta}")
         for name in ("expert_scale", "amateur_scale"):

@@ -7,10 +7,11 @@
     lm_eval.py   `cold lm-eval`: lm-evaluation-harness with the model `cold` (cold.lm_eval)
     eval.py      `cold eval`: several decoders on a task's problems, accuracy side by side (cold.evaluation)
     tune.py      `cold tune`: choose alpha, beta and the LoRA scale on a tuning split
+    anti_expert.py  `cold anti-expert`: train, tune and write the anti-expert that repairs an expert adapter
     eval_run.py  what eval and tune share: their options, the problems, the run directory, the records
     common.py    what every command shares: the consoles, the ColdError -> exit 2 wrapper, shared options
 
-Commands import `common` (and eval/tune `eval_run`), never each other; nothing outside `cold.cli` imports it.
+Commands import `common` (and eval/tune/anti-expert `eval_run`), never each other; nothing outside `cold.cli` imports it.
 Each command imports torch, transformers or vLLM only when it runs, so that `cold --help` stays fast.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import typer
 
+from cold.cli.anti_expert import anti_expert_command
 from cold.cli.bench import bench_command
 from cold.cli.common import exit_on_sigterm
 from cold.cli.eval import eval_command
@@ -47,5 +49,6 @@ app.command("bench")(bench_command)
 app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("tune")(tune_command)
+app.command("anti-expert")(anti_expert_command)
 app.command("lm-eval", add_help_option=False,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(lm_eval_command)

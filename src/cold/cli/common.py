@@ -87,7 +87,10 @@ def check_positive(**values) -> None:
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """`NAME=DIR` or `DIR` (named after the directory; a GGUF LoRA file after its stem) -> {name: dir}."""
+    """`NAME=DIR` or `DIR` (named after the directory; a GGUF LoRA file after its stem) -> {name: dir}.
+    A DIR that does not exist but names a shipped adapter (`smollm2-coin_flip-step-50`) is that adapter."""
+    from cold.load.demo import shipped_adapter_dir
+
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -97,8 +100,48 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
             raise ColdError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
         if name in adapters:
             raise ColdError(f"--adapter: the name {name!r} is given twice")
-        adapters[name] = path
+        adapters[name] = str(shipped_adapter_dir(path) or path) if not Path(path).exists() else path
     return adapters
+
+
+BASE_AMATEUR = "base"  # --amateur base: contrast with the bare base model even where a tuned anti-expert exists
+
+
+def choose_amateur(adapters: dict[str, str], use: str | None, amateur: str | None, model: str):
+    """CoLD's amateur for a command: (adapters to load, the expert's adapter name, the amateur's adapter
+    name or None for the base model, the pair whose tuned setting applies or None).
+
+    `amateur` is a loaded adapter's name, an adapter directory (loaded too), `base`, or None: then a
+    shipped expert that has a tuned anti-expert (`cold.load.pairs.shipped_pair`) gets it.
+    """
+    from cold.load.pairs import check_base_model, read_pair, shipped_pair
+
+    expert = use if use is not None else (next(iter(adapters)) if len(adapters) == 1 else None)
+    if amateur == BASE_AMATEUR:
+        return adapters, expert, None, None
+    if amateur in adapters:
+        name, pair = amateur, read_pair(adapters[amateur])
+    elif amateur is not None:
+        if not Path(amateur).is_dir():
+            raise ColdError(f"--amateur {amateur!r}: neither a loaded adapter ({', '.join(adapters) or 'none'}) nor an "
+                            f"adapter directory; '{BASE_AMATEUR}' contrasts with the base model")
+        name, pair = _free_name(Path(amateur).name, adapters), read_pair(amateur)
+        adapters = {**adapters, name: amateur}
+    else:
+        pair = shipped_pair(adapters.get(expert)) if expert is not None else None
+        if pair is None:
+            return adapters, expert, None, None
+        name = _free_name(pair.amateur_dir.name, adapters)
+        adapters = {**adapters, name: str(pair.amateur_dir)}
+    if pair is not None:
+        check_base_model(pair, model)
+    return adapters, expert, name, pair
+
+
+def _free_name(name: str, taken: dict) -> str:
+    while name in taken:
+        name += "-amateur"
+    return name
 
 
 LLAMACPP_HELP = ("llamacpp: the GGUF on llama.cpp, an expert context with the LoRA and an amateur context without "

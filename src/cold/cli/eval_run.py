@@ -20,11 +20,15 @@ from cold.cli.common import check_llamacpp_options, check_positive, err, exits_o
 from cold.errors import ColdError
 from cold.evaluation import runner
 from cold.load.demo import demo_adapter_dir
+from cold.load.pairs import shipped_pair
+from cold.load.paths import fingerprint
 from cold.tasks import readers as tasks
 from cold.tasks.prompts import make_style
 
 stdout = table_console(160)  # whole tables in files
 EXIT_INTERRUPTED = 130
+# task -> its tuning split (disjoint from the split `cold eval` reports by default)
+TUNING_SPLITS = {"gsm8k": "train", "commonsenseqa": "train", "coin_flip": "gen-tune", "last_letters": "gen-tune"}
 
 # Options that `cold eval` and `cold tune` share (typer reads the help from the type).
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop each answer after this many new tokens.")]
@@ -32,7 +36,7 @@ Seed = Annotated[int, typer.Option(help="Seed of the --limit sample.")]
 BatchSize = Annotated[int, typer.Option(help="Problems decoded together in one batch.")]
 Bootstrap = Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")]
 Shots = Annotated[int, typer.Option(help="Worked examples in a few-shot prompt.")]
-AmateurAdapter = Annotated[Optional[Path], typer.Option(help="A second PEFT LoRA adapter (same base) to be the amateur of the cold decoders marked :amateur, instead of the bare base model: for example an earlier snapshot of the same training, so that the contrast amplifies what later training added rather than subtracting what the base model knows.")]
+AmateurAdapter = Annotated[Optional[Path], typer.Option(help="A second PEFT LoRA adapter (same base) to be the amateur of the cold decoders marked :amateur, instead of the bare base model: for example an earlier snapshot of the same training, so that the contrast amplifies what later training added rather than subtracting what the base model knows; or an anti-expert from `cold anti-expert`. Default: a shipped expert's tuned anti-expert where it has one.")]
 AmateurScale = Annotated[float, typer.Option(help="LoRA scale of the --amateur-adapter on the amateur row (1 = as trained).")]
 
 
@@ -118,17 +122,22 @@ def prepare(task, data, split, specs, model, adapter, prompt, shots, instruction
     chosen = tasks.select(problems, limit, seed)
 
     adapter_path = _adapter_path(model, adapter, specs, the_task.name)
+    if amateur is None and any(s.vs_amateur for s in specs):
+        pair = shipped_pair(adapter_path)
+        if pair is not None:  # a shipped expert's tuned anti-expert
+            amateur = pair.amateur_dir
+            err.print(f"amateur of the :amateur decoders: the shipped anti-expert {amateur.name} (tuned for this expert)", markup=False)
     _check_amateur(specs, amateur, amateur_scale)
     settings = {
-        "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": runner.fingerprint(path),
+        "task": the_task.name, "split": split_name, "data": str(path.resolve()), "data_sha1": fingerprint(path),
         "answer_type": the_task.answer_type, "model": model,
         "adapter": str(adapter_path) if adapter_path else None,
-        "adapter_sha1": runner.fingerprint(adapter_path) if adapter_path else None,
+        "adapter_sha1": fingerprint(adapter_path) if adapter_path else None,
         "prompt": prompt.value, "shots": shots if prompt is PromptChoice.few_shot else None,
         "instruction": instruction, "max_new_tokens": max_new_tokens, "dtype": dtype,
         **({"kv_dtype": kv_dtype} if kv_dtype else {}),  # absent by default: older run directories still resume
         **({"engine": engine} if engine != "cold" else {}),  # likewise
-        **({"amateur_adapter": str(amateur), "amateur_adapter_sha1": runner.fingerprint(amateur),
+        **({"amateur_adapter": str(amateur), "amateur_adapter_sha1": fingerprint(amateur),
             "amateur_scale": amateur_scale} if amateur else {}),
     }
     if the_task.name == tasks.GENERIC:

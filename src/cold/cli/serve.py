@@ -81,6 +81,9 @@ def serve(
             err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
                       "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
                       "Give an adapter with --adapter NAME=DIR.")
+    pairs = {}
+    if engine_name is not EngineName.vllm:  # vLLM pairs run the bare base model as the amateur
+        adapters, pairs = _paired(adapters, model)
     if engine_name is EngineName.vllm:
         from cold.serve.vllm_backend import VllmBackend
 
@@ -106,7 +109,7 @@ def serve(
             model_name=model_name or _model_id(model), api_key=api_key or None, max_batch=max_batch,
             max_queue=max_queue, default_max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
             max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_connections=max_connections,
-            aliases=parse_alias_specs(alias or []),
+            aliases=parse_alias_specs(alias or []), pairs=pairs,
         )
         app = create_app(backend, config)
         ids = ", ".join([config.model_name, *backend.adapter_names])
@@ -115,6 +118,30 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), limit_concurrency=config.max_connections)
     finally:
         backend.close()
+
+
+def _paired(adapters: dict[str, str], model: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """(the adapters to serve, {expert id: the request fields of its tuned anti-expert}): an anti-expert
+    among the adapters (`cold-pair.json`) presets CoLD requests to its expert's id; a shipped expert
+    that has a shipped anti-expert gets it, served too. A request's own fields win."""
+    from cold.load.pairs import check_base_model, read_pair, shipped_pair
+
+    served, pairs = dict(adapters), {}
+    for expert, path in adapters.items():
+        found = [(name, read_pair(other)) for name, other in adapters.items() if name != expert]
+        found = [(name, pair) for name, pair in found if pair is not None and pair.is_for(Path(path))]
+        if not found and read_pair(path) is None and (pair := shipped_pair(path)) is not None:
+            name = pair.amateur_dir.name
+            while name in served:
+                name += "-amateur"
+            served[name] = str(pair.amateur_dir)
+            found = [(name, pair)]
+        for name, pair in found[:1]:
+            check_base_model(pair, model)
+            pairs[expert] = {"amateur": name, **pair.setting}
+            err.print(f"CoLD requests to {expert} contrast with its tuned anti-expert {name} "
+                      f"(alpha {pair.setting['alpha']:g}, beta {pair.setting['beta']:g}) unless they set their own", markup=False)
+    return served, pairs
 
 
 def parse_alias_specs(specs: list[str]) -> dict[str, tuple[str, dict]]:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from cold.cli.common import Device, Dtype, EvalModel, err, reports_errors
 from cold.cli.eval_run import (
+    TUNING_SPLITS,
     AmateurAdapter,
     AmateurScale,
     AnswerType,
@@ -34,9 +35,6 @@ from cold.cli.eval_run import (
 )
 from cold.errors import ColdError
 
-# task -> its tuning split (disjoint from the split `cold eval` reports by default)
-TUNING_SPLITS = {"gsm8k": "train", "commonsenseqa": "train", "coin_flip": "gen-tune", "last_letters": "gen-tune"}
-
 
 @reports_errors
 @resumes_on_interrupt
@@ -48,6 +46,7 @@ def tune_command(
     betas: Annotated[str, typer.Option(help="Contrast strengths beta to try (comma-separated, each >= 0).")] = "0.25,0.5,1,2",
     scales: Annotated[str, typer.Option(help="LoRA scales for the one-row alternative expert@S (comma-separated, > 0).")] = "1.5,2",
     scoring: Annotated[str, typer.Option(help="CoLD score forms to try: logit, logprob, or logit,logprob.")] = "logit",
+    schedules: Annotated[str, typer.Option(help="Beta schedules to try (comma-separated): constant, entropy (beta times the expert's entropy over log V), jsd (beta times the Jensen-Shannon divergence of expert and amateur over log 2). The adaptive ones scale beta down at every step, so give them larger --betas.")] = "constant",
     model: EvalModel = "smollm2",
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT LoRA adapter directory (default: the model's demo adapter for the task).")] = None,
     prompt: Annotated[PromptChoice, typer.Option(help="chat, zero-shot or few-shot (as in cold eval).")] = PromptChoice.chat,
@@ -80,7 +79,8 @@ def tune_command(
     if not scorings or any(s not in tune.SCORINGS for s in scorings) or len(set(scorings)) != len(scorings):
         raise ColdError(f"--scoring must be logit, logprob or logit,logprob, got {scoring!r}")
     specs = tune.grid_specs(tune.parse_grid(alphas, "alphas", 0.0, 1.0), tune.parse_grid(betas, "betas", 0.0),
-                            tune.parse_grid(scales, "scales", 1e-9), scorings, vs_amateur=amateur_adapter is not None)
+                            tune.parse_grid(scales, "scales", 1e-9), scorings, vs_amateur=amateur_adapter is not None,
+                            schedules=tune.parse_schedules(schedules))
     if split is None and data is None and task not in TUNING_SPLITS:
         raise ColdError(f"task {task!r} has no tuning split; give --split or --data (a file disjoint from the test problems)")
     default = TUNING_SPLITS.get(task)
@@ -107,7 +107,8 @@ def tune_command(
         next_eval += ["--prompt", prompt.value]
     if max_new_tokens != 256:
         next_eval += ["--max-new-tokens", str(max_new_tokens)]
-    given = dict(task=task, split=split, data=data, alphas=alphas, betas=betas, scales=scales, scoring=scoring, model=model,
+    given = dict(task=task, split=split, data=data, alphas=alphas, betas=betas, scales=scales, scoring=scoring,
+                 schedules=schedules, model=model,
                  adapter=adapter, amateur_adapter=amateur_adapter, amateur_scale=amateur_scale, prompt=prompt.value,
                  max_new_tokens=max_new_tokens, limit=limit, seed=seed, out=run.out)
     facts = [
@@ -132,7 +133,7 @@ def tune_command(
         err.print(f"wrote {written}", markup=False)
 
 
-DEFAULTS = dict(task="gsm8k", alphas="0.05,0.1,0.3", betas="0.25,0.5,1,2", scales="1.5,2", scoring="logit",
+DEFAULTS = dict(task="gsm8k", alphas="0.05,0.1,0.3", betas="0.25,0.5,1,2", scales="1.5,2", scoring="logit", schedules="constant",
                 model="smollm2", prompt="chat", max_new_tokens=256, limit=100, seed=0, amateur_scale=1.0)
 
 

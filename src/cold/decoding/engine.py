@@ -222,7 +222,8 @@ class Engine:
             if params.contrastive:
                 amateur = logits[layout.amateur_row[seq], -n:]
                 full = lambda t: torch.full((n,), t, device=expert.device)  # noqa: E731
-                lp = cold_log_probs(expert, amateur, full(params.alpha), full(params.beta), params.scoring, penalty)
+                lp = cold_log_probs(expert, amateur, full(params.alpha), full(params.beta), params.scoring, penalty,
+                                    params.beta_schedule)
             else:
                 lp = torch.log_softmax(expert, dim=-1)
             targets = torch.tensor(request.prompt_ids[1:], device=lp.device)

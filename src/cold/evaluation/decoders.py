@@ -7,6 +7,9 @@
     cold                     CoLD, logit form, alpha 0.1, beta 0.5 (O'Brien & Lewis defaults)
     cold@A/B                 CoLD, logit form:  (1+B) s_e - B s_a  on tokens with p_e >= A max p_e
     cold-logprob@A/B         CoLD, log-probability form (Li et al.): log p_e - B/(1+B) log p_a
+    cold@A/B/SCHEDULE        beta B scaled at every step by a schedule's weight in [0, 1]: entropy
+                             (the expert's entropy over log V) or jsd (the Jensen-Shannon divergence
+                             of the expert's and the amateur's distributions over log 2)
     cold...:amateur          CoLD whose amateur is the run's --amateur-adapter (for example an earlier
                              snapshot of the same training) instead of the bare base model
     ...:beamN                beam search with N beams instead of greedy (N >= 2), on any of the above
@@ -22,10 +25,10 @@ import re
 from dataclasses import dataclass
 
 from cold.errors import ColdError
-from cold.params import DecodeParams
+from cold.params import BETA_SCHEDULES, DecodeParams
 
 KINDS = ("base", "expert", "cold", "cold-logprob")
-SYNTAX = ("base | expert | expert@SCALE | cold | cold@ALPHA/BETA | cold-logprob@ALPHA/BETA, each optionally followed by "
+SYNTAX = ("base | expert | expert@SCALE | cold | cold@ALPHA/BETA[/entropy|/jsd] | cold-logprob@ALPHA/BETA[/...], each optionally followed by "
           ":beamN; a cold spec may also end in :amateur (before :beamN) to contrast with --amateur-adapter")
 DEFAULT_DECODERS = "base,expert,cold@0.1/0.5"
 
@@ -39,6 +42,7 @@ class DecoderSpec:
     kind: str  # one of KINDS
     alpha: float = 0.1
     beta: float = 0.5
+    beta_schedule: str = "constant"
     expert_scale: float = 1.0
     num_beams: int = 1
     vs_amateur: bool = False  # cold kinds: the amateur row is the run's amateur adapter, not the bare base
@@ -54,7 +58,8 @@ class DecoderSpec:
         elif self.kind == "expert":
             text = "expert" if self.expert_scale == 1 else f"expert@{_num(self.expert_scale)}"
         else:
-            text = f"{self.kind}@{_num(self.alpha)}/{_num(self.beta)}" + (":amateur" if self.vs_amateur else "")
+            schedule = "" if self.beta_schedule == "constant" else f"/{self.beta_schedule}"
+            text = f"{self.kind}@{_num(self.alpha)}/{_num(self.beta)}{schedule}" + (":amateur" if self.vs_amateur else "")
         return text + (f":beam{self.num_beams}" if self.num_beams > 1 else "")
 
     @property
@@ -69,6 +74,8 @@ class DecoderSpec:
             kwargs["expert_scale"] = self.expert_scale
         if self.kind.startswith("cold"):
             kwargs.update(alpha=self.alpha, beta=self.beta, scoring="logprob" if self.kind == "cold-logprob" else "logit")
+            if self.beta_schedule != "constant":
+                kwargs["beta_schedule"] = self.beta_schedule
         if self.vs_amateur:
             kwargs["vs_amateur"] = True  # the eval engine turns this into its amateur adapter and scale
         return kwargs
@@ -102,8 +109,13 @@ def parse_decoder(spec: str) -> DecoderSpec:
             fields["expert_scale"] = scale
         else:
             parts = args.split("/")
-            if len(parts) != 2:
-                raise ColdError(f"bad decoder spec {spec!r}: expected {kind}@ALPHA/BETA, e.g. {kind}@0.1/0.5")
+            if len(parts) not in (2, 3):
+                raise ColdError(f"bad decoder spec {spec!r}: expected {kind}@ALPHA/BETA or {kind}@ALPHA/BETA/SCHEDULE, "
+                                f"e.g. {kind}@0.1/0.5 or {kind}@0.1/4/jsd")
+            if len(parts) == 3:
+                if parts[2] not in BETA_SCHEDULES:
+                    raise ColdError(f"bad decoder spec {spec!r}: the beta schedule must be one of {', '.join(BETA_SCHEDULES)}")
+                fields["beta_schedule"] = parts.pop()
             alpha, beta = (_float(p, spec, name) for p, name in zip(parts, ("ALPHA", "BETA")))
             fields.update(alpha=alpha, beta=beta)
     try:

@@ -14,7 +14,6 @@ load, so a change of the extraction rules re-scores old records without generati
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -39,21 +38,6 @@ Progress = Callable[[str, int, int], None]  # (decoder label, problems done, pro
 
 
 # ---- run settings ----------------------------------------------------------------------------
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha1 of a file, or of a directory's adapter files (config and weights, not its README)."""
-    path = Path(path)
-    digest = hashlib.sha1()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.name == "adapter_config.json" or p.suffix in (".safetensors", ".bin")
-    )
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 class RunDir:

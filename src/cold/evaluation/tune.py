@@ -16,6 +16,7 @@ from pathlib import Path
 from cold.errors import ColdError
 from cold.evaluation.decoders import DecoderSpec
 from cold.evaluation.stats import N_BOOT, bootstrap_mean, discordant, paired_difference
+from cold.params import BETA_SCHEDULES
 
 SCORINGS = {"logit": "cold", "logprob": "cold-logprob"}
 
@@ -37,15 +38,33 @@ def parse_grid(text: str, name: str, low: float, high: float | None = None) -> l
     return values
 
 
+def parse_schedules(text: str) -> list[str]:
+    """'constant,jsd' -> ['constant', 'jsd']; ColdError for an unknown, repeated or missing schedule."""
+    schedules = [s.strip() for s in text.split(",") if s.strip()]
+    if not schedules or any(s not in BETA_SCHEDULES for s in schedules) or len(set(schedules)) != len(schedules):
+        raise ColdError(f"--schedules must be distinct values among {', '.join(BETA_SCHEDULES)}, got {text!r}")
+    return schedules
+
+
 def grid_specs(alphas: Sequence[float], betas: Sequence[float], scales: Sequence[float],
-               scorings: Sequence[str], vs_amateur: bool = False) -> list[DecoderSpec]:
-    """`expert` first (the reference), then the scaled experts, then every CoLD setting (contrasted
-    with the run's amateur adapter when `vs_amateur`)."""
+               scorings: Sequence[str], vs_amateur: bool = False, schedules: Sequence[str] = ("constant",)) -> list[DecoderSpec]:
+    """`expert` first (the reference), then the scaled experts, then every CoLD setting, per score
+    form and beta schedule (contrasted with the run's amateur adapter when `vs_amateur`)."""
     specs = [DecoderSpec("expert")]
     specs += [DecoderSpec("expert", expert_scale=s) for s in scales if s != 1]
     for scoring in scorings:
-        specs += [DecoderSpec(SCORINGS[scoring], alpha=a, beta=b, vs_amateur=vs_amateur) for a in alphas for b in betas]
+        for schedule in schedules:
+            specs += [DecoderSpec(SCORINGS[scoring], alpha=a, beta=b, beta_schedule=schedule, vs_amateur=vs_amateur)
+                      for a in alphas for b in betas]
     return specs
+
+
+def family(spec: DecoderSpec) -> str:
+    """The family a setting competes in for "best": expert, cold, cold-logprob, or a CoLD kind with a
+    beta schedule (cold/entropy, cold/jsd)."""
+    if spec.kind == "expert" or spec.beta_schedule == "constant":
+        return spec.kind
+    return f"{spec.kind}/{spec.beta_schedule}"
 
 
 def summarize(results: dict[str, list[dict]], specs: Sequence[DecoderSpec], headline: str,
@@ -59,7 +78,7 @@ def summarize(results: dict[str, list[dict]], specs: Sequence[DecoderSpec], head
         correct = [r["correct"][headline] for r in records]
         only_this, only_expert = discordant(correct, reference)
         rows.append({
-            "decoder": label, "kind": spec.kind, "alpha": spec.alpha if spec.kind != "expert" else None,
+            "decoder": label, "kind": family(spec), "alpha": spec.alpha if spec.kind != "expert" else None,
             "beta": spec.beta if spec.kind != "expert" else None, "scale": spec.expert_scale if spec.kind == "expert" else None,
             "n": len(records),
             "accuracy": bootstrap_mean(correct, n_boot, seed).as_dict(),
@@ -68,11 +87,14 @@ def summarize(results: dict[str, list[dict]], specs: Sequence[DecoderSpec], head
             "hit_max_fraction": sum(r["hit_max"] for r in records) / len(records),
         })
     best = {}
-    for kind in ("expert", *SCORINGS.values()):
-        candidates = [r for r in rows if r["kind"] == kind]
-        if candidates:
-            best[kind] = min(candidates, key=_rank)["decoder"]
+    for kind in dict.fromkeys(r["kind"] for r in rows):  # in grid order: expert first
+        best[kind] = min((r for r in rows if r["kind"] == kind), key=_rank)["decoder"]
     return {"headline": headline, "settings": rows, "best": best}
+
+
+def best_contrast(summary: dict) -> dict:
+    """The best CoLD setting's row of a summary, whatever its score form or beta schedule."""
+    return min((r for r in summary["settings"] if r["kind"] != "expert"), key=_rank)
 
 
 def _rank(row: dict) -> tuple:
@@ -132,7 +154,7 @@ def heatmap(summary: dict, path: Path, title: str) -> None:
     import numpy as np
 
     rows = summary["settings"]
-    kinds = [k for k in SCORINGS.values() if any(r["kind"] == k for r in rows)]
+    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if k != "expert"]
     experts = sorted((r for r in rows if r["kind"] == "expert"), key=lambda r: r["scale"])
     accuracies = [100 * r["accuracy"]["value"] for r in rows]
     low, high = min(accuracies), max(accuracies)

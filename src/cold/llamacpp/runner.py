@@ -420,7 +420,8 @@ class LlamaCppRunner:
             lag.caught_up(late)
         lag.observe(needs)
         amateur_rows = torch.where(needed, layout.amateur_row[seqs], layout.expert_row[seqs])  # [C]
-        score = scoring.contrastive_scores_by_form(own, state.logits[amateur_rows], sampler.beta, sampler.forms, valid)
+        score = scoring.contrastive_scores_by_form(own, state.logits[amateur_rows], sampler.beta, sampler.forms, valid,
+                                                   sampler.schedules)
         out = expert.clone()
         out[seqs] = score
         return out

@@ -9,7 +9,7 @@ registered. Its model arguments:
     model            the base model: a built-in name, a Hugging Face directory or a .gguf file (smollm2)
     adapter          the PEFT LoRA adapter (the expert); none: the base model alone
     decoder          cold | expert | base: how generate_until decodes (cold)
-    alpha, beta, scoring, expert_scale       CoLD's settings (0.1, 0.5, logit, 1)
+    alpha, beta, scoring, beta_schedule, expert_scale       CoLD's settings (0.1, 0.5, logit, constant, 1)
     amateur_adapter, amateur_scale           an adapter as CoLD's amateur instead of the base model
     score            expert | cold: how loglikelihood scores a continuation (expert)
     penalty          score=cold: nats below the expert's log-probability for a token outside the plausible set (10)
@@ -51,15 +51,15 @@ class ColdLM(TemplateLM):
     """lm-eval's LM interface over `cold.decoding.engine.Engine`."""
 
     def __init__(self, model: str = "smollm2", adapter: str | None = None, decoder: str = "cold",
-                 alpha: float = 0.1, beta: float = 0.5, scoring: str = "logit", expert_scale: float = 1.0,
-                 amateur_adapter: str | None = None, amateur_scale: float = 1.0, score: str = "expert",
+                 alpha: float = 0.1, beta: float = 0.5, scoring: str = "logit", beta_schedule: str = "constant",
+                 expert_scale: float = 1.0, amateur_adapter: str | None = None, amateur_scale: float = 1.0, score: str = "expert",
                  penalty: float = OUTSIDE_PENALTY, dtype: str = "float32", device: str | None = "cpu",
                  batch_size: int | str = 8, max_length: int | None = None, max_batch_size: int | None = None,
                  **unknown) -> None:
         super().__init__()
         if unknown:
             raise ColdError(f"unknown model_args for --model cold: {', '.join(sorted(unknown))}; known: model, adapter, "
-                            "decoder, alpha, beta, scoring, expert_scale, amateur_adapter, amateur_scale, score, "
+                            "decoder, alpha, beta, scoring, beta_schedule, expert_scale, amateur_adapter, amateur_scale, score, "
                             "penalty, dtype, device, batch_size, max_length")
         if score not in SCORES:
             raise ColdError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
@@ -78,7 +78,8 @@ class ColdLM(TemplateLM):
             raise ColdError(f"batch_size must be >= 1, got {batch_size}")
         amateur = {} if amateur_adapter is None else {"amateur_adapter": "amateur", "amateur_scale": amateur_scale}
         self.params = DecodeParams(decoder=decoder, adapter="expert" if adapter else None, alpha=alpha, beta=beta,
-                                   scoring=scoring, expert_scale=expert_scale, **amateur).validate()
+                                   scoring=scoring, beta_schedule=beta_schedule, expert_scale=expert_scale,
+                                   **amateur).validate()
         self.score = score
         self.penalty = float(penalty)
         from cold.decoding.engine import Engine  # torch: only once the model is asked for

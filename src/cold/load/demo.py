@@ -39,3 +39,9 @@ def default_adapters(model: str, task: str = "") -> dict[str, str]:
     """{name: directory} of the demo adapter a command loads when the user gives none ({} if there is none)."""
     path = demo_adapter_dir(model, task)
     return {path.name: str(path)} if path else {}
+
+
+def shipped_adapter_dir(name: str) -> Path | None:
+    """The shipped adapter directory called `name` (any of `cold/demo_adapters`), or None."""
+    path = DEMO_DIR / name
+    return path if "/" not in name and (path / "adapter_config.json").is_file() else None

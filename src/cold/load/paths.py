@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -65,3 +66,18 @@ def check_writable(path: Path, option: str, directory: bool = False) -> None:
         for made in reversed(missing):
             with contextlib.suppress(OSError):
                 made.rmdir()
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha1 of a file, or of a directory's adapter files (config and weights, not its README)."""
+    path = Path(path)
+    digest = hashlib.sha1()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.name == "adapter_config.json" or p.suffix in (".safetensors", ".bin")
+    )
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -356,30 +356,33 @@ class ModelRunner:
         # a sequence that needs no amateur is scored against its own expert row: one finite entry either way
         amateur_rows = torch.where(needed, layout.amateur_row[seqs], layout.expert_row[seqs])  # [C]
         score = self._contrastive_scores(hidden[amateur_rows], layout.subset(amateur_rows) if not _plain_head(self.model) else None,
-                                         own, valid, sampler.beta, sampler.forms)
+                                         own, valid, sampler.beta, sampler.forms, sampler.schedules)
         if sampler.every_contrastive:
             return score
         out = expert.clone()
         out[seqs] = score
         return out
 
-    def _contrastive_scores(self, amateur_hidden, amateur_layout, expert, valid, beta, forms) -> torch.Tensor:
+    def _contrastive_scores(self, amateur_hidden, amateur_layout, expert, valid, beta, forms, schedules) -> torch.Tensor:
         """[C, V] CoLD scores of the contrastive sequences (expert logits [C, V], their
         plausibility mask `valid` [C, V], the amateur rows' hidden states [C, H]; `amateur_layout`:
         those rows' adapter selection where the output layer is adapted, None where it is plain).
 
         The logit-form score reads the amateur only inside the expert's plausibility mask, so with
         a plain (unadapted) output layer only the union of the masked-in columns is computed, for
-        the amateur's logits and for the score itself; every other entry is -inf.
+        the amateur's logits and for the score itself; every other entry is -inf. (The jsd beta
+        schedule reads the amateur's whole distribution, so its sequences take the full path.)
         """
-        if set(forms) == {"logit"} and amateur_layout is None:
+        if set(forms) == {"logit"} and amateur_layout is None and "jsd" not in schedules:
+            beta = scoring.scheduled_beta(beta, schedules, expert)  # [C]; entropy reads the full expert logits
             head = self.model.get_output_embeddings()
             columns = valid.any(dim=0).nonzero().squeeze(1)  # [K]
             own = expert[:, columns]  # [C, K]
             amateur = self._softcap((amateur_hidden @ head.weight[columns].T).float())  # [C, K]
             part = scoring.contrastive_scores(own, amateur, None, beta, "logit", valid[:, columns])
             return torch.full_like(expert, scoring.NEG_INF).index_copy_(1, columns, part)
-        return scoring.contrastive_scores_by_form(expert, self.logits(amateur_hidden, amateur_layout), beta, forms, valid)
+        return scoring.contrastive_scores_by_form(expert, self.logits(amateur_hidden, amateur_layout), beta, forms, valid,
+                                                  schedules)
 
 
 def _plain_head(model) -> bool:

@@ -4,7 +4,7 @@
     tokens = sampler.pick(score)                                     # every step: [S, V] -> [S]
     sampler = sampler.merged(other) / sampler.kept([0, 2])           # when the batch changes
 
-`contrastive` / `alpha` / `beta` / `forms` are what `cold.runner` needs to score the CoLD
+`contrastive` / `alpha` / `beta` / `forms` / `schedules` are what `cold.runner` needs to score the CoLD
 sequences; picking is greedy for every sequence, then one batched top-k / top-p warp and a draw
 from each sampling sequence's own seeded generator.
 """
@@ -43,6 +43,7 @@ class Sampler:
         self.alpha = tensor([p.alpha for p in chosen], torch.float32)  # [C]
         self.beta = tensor([p.beta for p in chosen], torch.float32)  # [C]
         self.forms = [p.scoring for p in chosen]
+        self.schedules = [p.beta_schedule for p in chosen]
         self.sampling = [i for i, p in enumerate(self.params) if p.do_sample]  # sequences that sample
         drawn = [self.params[i] for i in self.sampling]
         self._rows = tensor(self.sampling, torch.long)

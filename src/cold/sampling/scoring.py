@@ -8,9 +8,17 @@ per-sequence parameters are tensors [S] (so one batch can mix settings).
     score[i]  =  log p_e[i] - beta/(1+beta) * log p_a[i]  if valid(i) else -inf    ("logprob" form, Li et al.)
 
 alpha = 0 disables the mask; beta = 0 gives back the expert's own logits exactly.
+
+A beta schedule scales beta per sequence and step by a weight in [0, 1] (`contrast_weights`):
+"entropy" by the expert's entropy over log V, "jsd" by the Jensen-Shannon divergence between the
+expert's and the amateur's full next-token distributions over log 2 (in the spirit of AdaCAD), so
+the contrast fades where the expert is sure, or where the amateur agrees with it.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -59,11 +67,48 @@ def contrastive_scores(
     return score.masked_fill(~valid, NEG_INF)
 
 
+def entropy_weight(expert: torch.Tensor) -> torch.Tensor:
+    """[S] the expert's entropy at this step over log V, in [0, 1]: 0 where it is certain."""
+    probs = torch.softmax(expert.float(), dim=-1)
+    return torch.special.entr(probs).sum(dim=-1) / math.log(expert.shape[-1])
+
+
+def jsd_weight(expert: torch.Tensor, amateur: torch.Tensor) -> torch.Tensor:
+    """[S] Jensen-Shannon divergence of the expert's and the amateur's next-token distributions over
+    log 2, in [0, 1]: 0 where they agree, 1 where they share no token."""
+    p, q = torch.softmax(expert.float(), dim=-1), torch.softmax(amateur.float(), dim=-1)
+    entropy = lambda probs: torch.special.entr(probs).sum(dim=-1)  # noqa: E731
+    jsd = entropy((p + q) / 2) - (entropy(p) + entropy(q)) / 2
+    return (jsd / math.log(2)).clamp(0.0, 1.0)
+
+
+def scheduled_beta(beta: torch.Tensor, schedules: Sequence[str] | None, expert: torch.Tensor,
+                   amateur: torch.Tensor | None = None) -> torch.Tensor:
+    """[S] each sequence's beta at this step: `beta` [S] times its schedule's weight (`schedules` [S]:
+    "constant" keeps beta; "entropy" needs the full expert logits [S, V], "jsd" the amateur's too)."""
+    if not schedules or all(s == "constant" for s in schedules):
+        return beta
+    weights = torch.ones_like(beta, dtype=torch.float32)
+    for schedule in set(schedules) - {"constant"}:
+        idx = torch.tensor([i for i, s in enumerate(schedules) if s == schedule], device=expert.device)
+        if schedule == "entropy":
+            weights[idx] = entropy_weight(expert[idx])
+        elif schedule == "jsd":
+            if amateur is None:
+                raise ValueError("the jsd schedule needs the amateur's logits")
+            weights[idx] = jsd_weight(expert[idx], amateur[idx])
+        else:
+            raise ValueError(f"unknown beta schedule {schedule!r}")
+    return beta * weights.to(beta.dtype)
+
+
 def contrastive_scores_by_form(
     expert: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor, forms: list[str], valid: torch.Tensor,
+    schedules: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """[S, V] CoLD scores of sequences that each name their score form (`forms` [S]), given their
-    plausibility mask `valid` [S, V]."""
+    """[S, V] CoLD scores of sequences that each name their score form (`forms` [S]) and beta
+    schedule (`schedules` [S], None: constant), given their plausibility mask `valid` [S, V]."""
+    beta = scheduled_beta(beta, schedules, expert, amateur)
     if len(set(forms)) == 1:
         return contrastive_scores(expert, amateur, None, beta, forms[0], valid)
     out = torch.empty_like(expert)
@@ -75,10 +120,11 @@ def contrastive_scores_by_form(
 
 def cold_log_probs(
     expert: torch.Tensor, amateur: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, form: str = "logit",
-    penalty: float = OUTSIDE_PENALTY,
+    penalty: float = OUTSIDE_PENALTY, schedule: str = "constant",
 ) -> torch.Tensor:
     """[S, V] float32 log-probabilities of CoLD's score, finite for every token, to score a given
-    text: `score_log_probs` of the CoLD score (alpha, beta, form) of these logits."""
+    text: `score_log_probs` of the CoLD score (alpha, beta, form, beta schedule) of these logits."""
+    beta = scheduled_beta(beta, [schedule] * len(beta), expert, amateur)
     return score_log_probs(expert, contrastive_scores(expert, amateur, alpha, beta, form), penalty)
 
 

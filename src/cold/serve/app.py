@@ -82,6 +82,9 @@ class ServerConfig:
     # {"gsm8k-cold": ("gsm8k", {"decoder": "cold", "alpha": 0.1, "beta": 0.5, "score": "cold"})}. A
     # request's own fields win. For clients that send no extra fields (lm-eval's log-likelihoods).
     aliases: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    # a served adapter's id -> the fields its tuned anti-expert presets for CoLD requests that leave
+    # them out: {"cf50": {"amateur": "cf50-selfneg", "alpha": 0.3, "beta": 1.0, ...}} (`cold serve` finds the pairs)
+    pairs: dict[str, dict] = field(default_factory=dict)
     max_connections: int = 1024  # open connections and requests; beyond: 503 (uvicorn's limit_concurrency, set by `cold serve`)
 
 
@@ -274,7 +277,7 @@ class _Server:
     async def _accept(self, request: Request, kind: type) -> tuple:
         """The checked body of a generation request and its DecodeParams (ApiError when refused)."""
         self._authorize(request)
-        body = _with_alias(parse(kind, await self._read_body(request)), self.config.aliases)
+        body = _with_presets(parse(kind, await self._read_body(request)), self.config)
         adapter = self._resolve_model(body.model)
         self._refuse(body)
         return body, decode_params(body, adapter)
@@ -645,12 +648,16 @@ class _Call:
                 "choices": choices, "usage": self.usage()}
 
 
-def _with_alias(body, aliases: dict[str, tuple[str, dict]]):
-    """The body with its model id's preset fields filled in where the request leaves them out."""
-    if body.model not in aliases:
+def _with_presets(body, config: ServerConfig):
+    """The body with its model id's preset fields filled in where the request leaves them out: an
+    alias's, or, for a CoLD request to an adapter that has a tuned anti-expert, the pair's."""
+    if body.model in config.aliases:
+        settings = {k: v for k, v in config.aliases[body.model][1].items()
+                    if k != "score" or body.reported_logprobs() is not None or getattr(body, "scores_prompt", False)}
+    elif body.model in config.pairs and body.decoder in (None, "cold"):
+        settings = config.pairs[body.model]
+    else:
         return body
-    settings = {k: v for k, v in aliases[body.model][1].items() if k != "score" or body.reported_logprobs() is not None
-                or getattr(body, "scores_prompt", False)}
     return body.model_copy(update={k: v for k, v in settings.items() if k in type(body).model_fields and getattr(body, k) is None})
 
 

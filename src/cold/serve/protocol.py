@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cold.params import (
+    BETA_SCHEDULES,
     DECODERS,
     LOGPROB_SCORES,
     MAX_BETA,
@@ -70,6 +71,7 @@ class _Generation(_Strict):
     alpha: float | None = None
     beta: float | None = None
     scoring: Literal[SCORING_FORMS] | None = None
+    beta_schedule: Literal[BETA_SCHEDULES] | None = None
     top_k: int | None = None
     expert_scale: float | None = None
     amateur: str | None = None  # a served adapter's model id: the amateur row runs that adapter
@@ -285,7 +287,7 @@ def decode_params(body: _Generation, adapter: str | None) -> DecodeParams:
             changes["top_p"] = body.top_p
         if body.top_k is not None:
             changes["top_k"] = body.top_k
-    for field in ("alpha", "beta", "scoring", "expert_scale"):
+    for field in ("alpha", "beta", "scoring", "beta_schedule", "expert_scale"):
         if getattr(body, field) is not None:
             changes[field] = getattr(body, field)
     if body.reported_logprobs() is not None:

@@ -4,8 +4,12 @@ on labelled tokens only, AdamW with a linear warm-up and decay, gradient clippin
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from cold.errors import ColdError
 from cold.training.encoding import IGNORE_INDEX
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,3 +59,27 @@ def linear_schedule(optimizer, max_steps: int, warmup_steps: int):
         return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# the hyper-parameters an adapter trained with the same recipe shares with it (not data, steps or output)
+RECIPE_FIELDS = ("rank", "lora_alpha", "target_modules", "batch_size", "learning_rate", "max_length", "seed", "prompt_format")
+
+
+def recipe_of(adapter_dir: Path) -> tuple[dict, str]:
+    """(the recipe an adapter was trained with, where it was read): rank, LoRA alpha and target modules
+    from its `adapter_config.json`; the rest (batch size, learning rate, length limit, seed, example
+    format) from the `training_log.json` of `cold train` in its directory or, for a `--save-at`
+    snapshot (`RUN/step-N`), its run's. Fields no file records are left out."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        recipe = {"rank": int(config["r"]), "lora_alpha": int(config["lora_alpha"]),
+                  "target_modules": sorted(config["target_modules"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ColdError(f"{adapter_dir}: not a PEFT LoRA adapter directory ({exc})") from None
+    for log in (adapter_dir / "training_log.json", adapter_dir.parent / "training_log.json"):
+        if log.is_file():
+            hyper = json.loads(log.read_text(encoding="utf-8")).get("hyperparameters", {})
+            recipe.update({k: hyper[k] for k in RECIPE_FIELDS if hyper.get(k) is not None and k not in recipe})
+            return recipe, f"{adapter_dir / 'adapter_config.json'} and {log}"
+    return recipe, str(adapter_dir / "adapter_config.json")

@@ -202,6 +202,7 @@ def generate(
     alpha: float = 0.1,
     beta: float = 0.5,
     scoring: str = "logit",
+    beta_schedule: str = "constant",
     max_tokens: int = 128,
     stop: Sequence[str] = (),
     do_sample: bool = False,
@@ -223,9 +224,9 @@ def generate(
 
     if decoder not in DECODERS:
         raise ColdError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    checked = DecodeParams(decoder=decoder, alpha=alpha, beta=beta, scoring=scoring, max_new_tokens=max_tokens,
-                           stop=tuple(stop), do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed).validate()
+    checked = DecodeParams(decoder=decoder, alpha=alpha, beta=beta, scoring=scoring, beta_schedule=beta_schedule,
+                           max_new_tokens=max_tokens, stop=tuple(stop), do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed).validate()
     if decoder != "base" and adapter is None:
         raise ColdError(f"decoder {decoder!r} needs a LoRA adapter (make_llm(..., adapter=DIR) returns its LoRARequest)")
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -271,7 +272,7 @@ def generate(
 
 def pair_tag(pair: str, role: str, params: DecodeParams, eos: int) -> PairTag:
     """The tag of one row of pair `pair` decoding with `params` (EOS: what a broken pair's expert is forced to)."""
-    return PairTag(pair, role, float(params.alpha), float(params.beta), params.scoring, int(eos))
+    return PairTag(pair, role, float(params.alpha), float(params.beta), params.scoring, int(eos), params.beta_schedule)
 
 
 def sampling_params(params: DecodeParams, seed: int, tag: PairTag | None = None, **more):

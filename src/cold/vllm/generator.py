@@ -32,7 +32,7 @@ class VllmGenerator:
     def generate(self, prompts, params: DecodeParams, chat: bool = False):
         return generate(
             self.llm, prompts, self.lora, decoder=params.decoder, alpha=params.alpha, beta=params.beta,
-            scoring=params.scoring, max_tokens=params.max_new_tokens, stop=params.stop, do_sample=params.do_sample,
+            scoring=params.scoring, beta_schedule=params.beta_schedule, max_tokens=params.max_new_tokens, stop=params.stop, do_sample=params.do_sample,
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed, chat=chat,
         )
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cold.errors import ColdError
-from cold.params import SCORING_FORMS
+from cold.params import BETA_SCHEDULES, SCORING_FORMS
 from cold.sampling import scoring
 
 TAG = "cold"
@@ -42,10 +42,11 @@ class PairTag:
     beta: float
     scoring: str
     eos: int
+    beta_schedule: str = "constant"
 
     def to_extra_args(self) -> dict:
         return {TAG: {"pair": self.pair, "role": self.role, "alpha": self.alpha, "beta": self.beta,
-                      "scoring": self.scoring, "eos": self.eos}}
+                      "scoring": self.scoring, "eos": self.eos, "beta_schedule": self.beta_schedule}}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict | None) -> "PairTag | None":
@@ -57,7 +58,8 @@ class PairTag:
             raise ValueError(f"extra_args[{TAG!r}] must be an object, got {type(raw).__name__}")
         try:
             tag = cls(pair=str(raw["pair"]), role=raw["role"], alpha=float(raw.get("alpha", 0.1)),
-                      beta=float(raw.get("beta", 0.5)), scoring=raw.get("scoring", "logit"), eos=int(raw["eos"]))
+                      beta=float(raw.get("beta", 0.5)), scoring=raw.get("scoring", "logit"), eos=int(raw["eos"]),
+                      beta_schedule=raw.get("beta_schedule", "constant"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"extra_args[{TAG!r}] is malformed ({exc!r}); needs pair, role and eos") from exc
         if tag.role not in ROLES:
@@ -68,6 +70,8 @@ class PairTag:
             raise ValueError(f"CoLD beta must be >= 0, got {tag.beta}")
         if tag.scoring not in SCORING_FORMS:
             raise ValueError(f"CoLD scoring must be one of {SCORING_FORMS}, got {tag.scoring!r}")
+        if tag.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"CoLD beta_schedule must be one of {BETA_SCHEDULES}, got {tag.beta_schedule!r}")
         return tag
 
 
@@ -175,7 +179,7 @@ def apply_plan(logits: torch.Tensor, plan: StepPlan) -> None:
         forms = [t.scoring for t in plan.tags]
         expert, amateur = logits[expert_rows], logits[amateur_rows]  # [P, V] copies
         valid = scoring.plausibility_mask(expert, alpha)
-        score = scoring.contrastive_scores_by_form(expert, amateur, beta, forms, valid)
+        score = scoring.contrastive_scores_by_form(expert, amateur, beta, forms, valid, [t.beta_schedule for t in plan.tags])
         logits[expert_rows] = score
         logits[amateur_rows] = score
     for row, token in plan.force.items():
