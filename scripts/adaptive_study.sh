@@ -10,8 +10,9 @@
 #   scripts/adaptive_study.sh commonsenseqa    # Gemma 3 270M and its hard-negative anti-expert
 #
 # Environment: TUNE_LIMIT (default 100), TEST_LIMIT (default 200), ALPHAS (default 0.1,0.3),
-# BETAS (default 0.5,2,8: the adaptive weights lie in [0, 1], so they need larger betas than the
-# constant one), COLD (the cold command). Needs the project installed (make install).
+# BETAS (default 1,4: the adaptive weights lie in [0, 1], so they need larger betas than the
+# constant one), AMATEURS (default "base anti-expert"), COLD (the cold command). No scaled expert
+# (`--scales 1`): the accuracy table has it. Needs the project installed (make install).
 set -euo pipefail
 task=${1:?usage: scripts/adaptive_study.sh coin_flip|last_letters|commonsenseqa}
 cold=${COLD:-cold}
@@ -23,12 +24,12 @@ case "$task" in
                  anti=$D/gemma3-commonsenseqa-text-hardneg ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
-grid=(--alphas "${ALPHAS:-0.1,0.3}" --betas "${BETAS:-0.5,2,8}" --schedules constant,entropy,jsd --scales 1.5)
+grid=(--alphas "${ALPHAS:-0.1,0.3}" --betas "${BETAS:-1,4}" --schedules constant,entropy,jsd --scales 1)
 mkdir -p results/adaptive
 best() {  # the best setting of each schedule in a tune.json, comma-separated
   python -c 'import json, sys; print(",".join(v for k, v in json.load(open(sys.argv[1]))["best"].items() if k != "expert"))' "$1"
 }
-for amateur in base anti-expert; do
+for amateur in ${AMATEURS:-base anti-expert}; do
   extra=()
   [ "$amateur" = anti-expert ] && extra=(--amateur-adapter "$anti")
   out=eval-runs/adaptive-$task-tune-vs-$amateur

@@ -23,7 +23,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from cold.cli.common import Device, Dtype, EvalModel, err, parse_adapter_specs, reports_errors
 from cold.cli.eval_run import (
@@ -37,6 +36,7 @@ from cold.cli.eval_run import (
     check_common,
     generate_all,
     prepare,
+    print_grid,
     resumes_on_interrupt,
     shown,
     stdout,
@@ -140,7 +140,7 @@ def anti_expert_command(
     chosen = next(s for s in specs if s.label == best["decoder"])
     title = f"cold anti-expert, tuning: {the_task.name} ({run.split or shown(run.path)}), n = {len(splits.tune)}"
     tuning.write_outputs(summary, out / TUNE_DIR, title, [("expert", shown(expert)), ("amateur", shown(amateur))])
-    _print_table(tuning, summary, title)
+    print_grid(*tuning.table(summary), title)
     if best["vs_expert"]["value"] <= 0:
         err.print(f"[yellow]warning:[/] no setting beat the expert on the tuning problems (best {escape(chosen.label)}: "
                   f"{100 * best['vs_expert']['value']:+.1f} points); the pair is written, but the expert alone may be better")
@@ -153,7 +153,7 @@ def anti_expert_command(
                       amateur=amateur, **common)
         _restrict(run, splits.test)
         summary = tuning.summarize(generate_all(run, specs, model, device, dtype, max_new_tokens, batch_size), specs, "flexible", bootstrap)
-        _print_table(tuning, summary, f"cold anti-expert, test: {the_task.name} ({run.split or shown(run.path)}), n = {len(splits.test)}")
+        print_grid(*tuning.table(summary), f"cold anti-expert, test: {the_task.name} ({run.split or shown(run.path)}), n = {len(splits.test)}")
         result = _result(summary, chosen.label, run)
     else:
         _stage(5, "skipped (--no-test)")
@@ -270,16 +270,6 @@ def _result(summary: dict, label: str, run) -> dict:
     rows = {r["decoder"]: r for r in summary["settings"]}
     return {"split": run.split or str(run.path), "n": len(run.problems), "expert": rows["expert"]["accuracy"]["value"],
             "cold": rows[label]["accuracy"]["value"], "vs_expert_points": _points(rows[label]["vs_expert"])}
-
-
-def _print_table(tuning, summary: dict, title: str) -> None:
-    header, rows = tuning.table(summary)
-    view = Table(title=escape(title), title_justify="left")
-    for i, name in enumerate(header):
-        view.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        view.add_row(*map(escape, row))
-    stdout.print(view)
 
 
 def _write_pair(amateur: Path, expert: Path, model: str, chosen, best: dict, run_info: dict) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from cold.cli.common import check_llamacpp_options, check_positive, err, exits_on, load_engine, table_console
 from cold.errors import ColdError
@@ -166,6 +168,16 @@ def generate_all(run: Prepared, specs, model, device, dtype, max_new_tokens, bat
     err.print("generated: " + "; ".join(f"{label} {k} new, {n - k} from records" for label, k in generated.items())
               if any(generated.values()) else "nothing to generate: every problem has a record for every decoder", markup=False)
     return results
+
+
+def print_grid(header: list[str], rows: list[list[str]], title: str) -> None:
+    """Print a tuning grid or a test table (`cold.evaluation.tune.table`'s header and rows) to stdout."""
+    view = Table(title=escape(title), title_justify="left")
+    for i, name in enumerate(header):
+        view.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        view.add_row(*map(escape, row))
+    stdout.print(view)
 
 
 def shown(path: Path) -> str:

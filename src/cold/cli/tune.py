@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from cold.cli.common import Device, Dtype, EvalModel, err, reports_errors
 from cold.cli.eval_run import (
@@ -29,6 +27,7 @@ from cold.cli.eval_run import (
     check_common,
     generate_all,
     prepare,
+    print_grid,
     resumes_on_interrupt,
     shown,
     stdout,
@@ -120,13 +119,7 @@ def tune_command(
         ("headline rule", headline.value),
         ("next (test split)", "`" + shlex.join(next_eval) + "`"),
     ]
-    header, rows = tune.table(summary)
-    view = Table(title=escape(title), title_justify="left")
-    for i, name in enumerate(header):
-        view.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        view.add_row(*map(escape, row))
-    stdout.print(view)
+    print_grid(*tune.table(summary), title)
     stdout.print("best: " + ", ".join(f"{kind} {label}" for kind, label in summary["best"].items()), markup=False)
     stdout.print("measure them on the test split: " + shlex.join(next_eval), markup=False)
     for written in tune.write_outputs(summary, run.out, title, facts):

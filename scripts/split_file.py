@@ -1,0 +1,68 @@
+"""Split a task file (a JSON list, or JSONL) into seeded, disjoint parts in the same format, so that a
+task with only a test file (MultiArith, SingleEq) gets training, tuning and test problems for
+`cold anti-expert --task TASK --data ... --tune-data ... --test-data ...`.
+
+    python scripts/split_file.py ../shared/data/multiarith/MultiArith.json --parts train=300,tune=100,test=200 \
+        --out runs/data/multiarith
+
+writes runs/data/multiarith/{train,tune,test}.json: rows drawn without replacement from one seeded
+shuffle, each part in the file's order. Fewer rows than the parts ask for is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+
+def read_rows(path: Path) -> tuple[list, bool]:
+    """The file's rows, and whether it is JSONL (else a JSON list)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()], True
+    rows = json.loads(text)
+    if not isinstance(rows, list):
+        sys.exit(f"{path}: expected a JSON list of rows")
+    return rows, False
+
+
+def parse_parts(text: str) -> dict[str, int]:
+    """'train=300,tune=100' -> {'train': 300, 'tune': 100}."""
+    parts = {}
+    for item in text.split(","):
+        name, _, count = item.partition("=")
+        if not name or not count.isdigit() or int(count) < 1 or name in parts:
+            sys.exit(f"--parts: expected NAME=COUNT,... with distinct names and counts >= 1, got {item!r}")
+        parts[name] = int(count)
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--parts", required=True, help="NAME=COUNT,... (e.g. train=300,tune=100,test=200)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for NAME.json / NAME.jsonl")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows, jsonl = read_rows(args.file)
+    parts = parse_parts(args.parts)
+    if sum(parts.values()) > len(rows):
+        sys.exit(f"{args.file} has {len(rows)} rows; the parts ask for {sum(parts.values())}")
+    order = list(range(len(rows)))
+    random.Random(args.seed).shuffle(order)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for name, count in parts.items():
+        chosen = [rows[i] for i in sorted(order[start:start + count])]
+        start += count
+        path = args.out / f"{name}.{'jsonl' if jsonl else 'json'}"
+        body = "".join(json.dumps(r) + "\n" for r in chosen) if jsonl else json.dumps(chosen, indent=1) + "\n"
+        path.write_text(body, encoding="utf-8")
+        print(f"wrote {path} ({count} rows)")
+
+
+if __name__ == "__main__":
+    main()
