@@ -2,11 +2,13 @@
 task with only a test file (MultiArith, SingleEq) gets training, tuning and test problems for
 `cold anti-expert --task TASK --data ... --tune-data ... --test-data ...`.
 
-    python scripts/split_file.py ../shared/data/multiarith/MultiArith.json --parts train=300,tune=100,test=200 \
-        --out runs/data/multiarith
+    python scripts/split_file.py ../shared/data/multiarith/MultiArith.json --parts train=300,tune=100,test=180 \
+        --unique sQuestion --out runs/data/multiarith
 
 writes runs/data/multiarith/{train,tune,test}.json: rows drawn without replacement from one seeded
-shuffle, each part in the file's order. Fewer rows than the parts ask for is an error.
+shuffle, each part in the file's order. `--unique FIELD` first keeps one row per text of FIELD
+(compared as `cold anti-expert` compares questions: case and spacing ignored), so that no question
+lands in two parts. Fewer rows than the parts ask for is an error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ def read_rows(path: Path) -> tuple[list, bool]:
     return rows, False
 
 
+def unique_rows(rows: list, field: str) -> list:
+    """The first row of each text of `field`, in order."""
+    seen, kept = set(), []
+    for row in rows:
+        key = " ".join(str(row.get(field, "")).split()).lower()
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
 def parse_parts(text: str) -> dict[str, int]:
     """'train=300,tune=100' -> {'train': 300, 'tune': 100}."""
     parts = {}
@@ -46,8 +59,11 @@ def main() -> None:
     parser.add_argument("--parts", required=True, help="NAME=COUNT,... (e.g. train=300,tune=100,test=200)")
     parser.add_argument("--out", type=Path, required=True, help="directory for NAME.json / NAME.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unique", metavar="FIELD", help="keep one row per text of FIELD (case and spacing ignored)")
     args = parser.parse_args()
     rows, jsonl = read_rows(args.file)
+    if args.unique:
+        rows = unique_rows(rows, args.unique)
     parts = parse_parts(args.parts)
     if sum(parts.values()) > len(rows):
         sys.exit(f"{args.file} has {len(rows)} rows; the parts ask for {sum(parts.values())}")

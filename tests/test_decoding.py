@@ -32,6 +32,19 @@ def engine(smollm2, lora):
     return Engine(smollm2, [read_adapter(lora[0])])
 
 
+def test_two_engines_over_one_base_model_each_keep_their_adapters(smollm2, lora, tmp_path):
+    """Adapters live in the base model's modules: an engine that runs after another one reinstalls its own."""
+    other = tmp_path / "other"
+    make_lora(smollm2.model, other, r=4, alpha=8, std=0.05, seed=11)
+    first = Engine(smollm2, [read_adapter(lora[0])])
+    alone = [g.token_ids for g in first.generate(PROMPTS[:2], decoder="expert", max_new_tokens=NEW)]
+    second = Engine(smollm2, [read_adapter(other)])
+    theirs = [g.token_ids for g in second.generate(PROMPTS[:2], decoder="expert", max_new_tokens=NEW)]
+    assert theirs != alone
+    assert [g.token_ids for g in first.generate(PROMPTS[:2], decoder="expert", max_new_tokens=NEW)] == alone
+    assert [g.token_ids for g in second.generate(PROMPTS[:2], decoder="expert", max_new_tokens=NEW)] == theirs
+
+
 def ids_of(engine, prompt):
     return engine.tokenizer(prompt).input_ids
 

@@ -18,15 +18,20 @@ def split(*args: str) -> subprocess.CompletedProcess:
 
 def test_parts_are_disjoint_sized_and_readable_by_the_task(tmp_path):
     rows = [{"sQuestion": f"What is {i} plus 1?", "lSolutions": [i + 1.0]} for i in range(30)]
+    rows += [{"sQuestion": f"what is  {i} plus 1? ", "lSolutions": [i + 1.0]} for i in range(5)]  # repeats
     source = tmp_path / "mawps.json"
     source.write_text(json.dumps(rows))
-    done = split(str(source), "--parts", "train=12,tune=5,test=8", "--out", str(tmp_path / "out"), "--seed", "3")
+    too_many = split(str(source), "--parts", "train=12,tune=5,test=14", "--out", str(tmp_path / "no"), "--unique", "sQuestion")
+    assert too_many.returncode != 0 and "has 30 rows" in too_many.stderr
+    done = split(str(source), "--parts", "train=12,tune=5,test=8", "--out", str(tmp_path / "out"), "--seed", "3",
+                 "--unique", "sQuestion")
     assert done.returncode == 0, done.stderr
     parts = {name: readers.read_mawps(tmp_path / "out" / f"{name}.json") for name in ("train", "tune", "test")}
     assert {name: len(p) for name, p in parts.items()} == {"train": 12, "tune": 5, "test": 8}
-    questions = [{p.question for p in problems} for problems in parts.values()]
+    questions = [{" ".join(p.question.split()).lower() for p in problems} for problems in parts.values()]
     assert sum(map(len, questions)) == len(set().union(*questions)) == 25
-    again = split(str(source), "--parts", "train=12,tune=5,test=8", "--out", str(tmp_path / "again"), "--seed", "3")
+    again = split(str(source), "--parts", "train=12,tune=5,test=8", "--out", str(tmp_path / "again"), "--seed", "3",
+                  "--unique", "sQuestion")
     assert again.returncode == 0 and (tmp_path / "again" / "tune.json").read_text() == (tmp_path / "out" / "tune.json").read_text()
 
 

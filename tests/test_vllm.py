@@ -23,11 +23,12 @@ import torch
 from cold.decoding.engine import Engine
 from cold.errors import ColdError
 from cold.load.adapters import read_adapter
-from cold.load.demo import demo_adapter_dir
+from cold.load.demo import demo_adapter_dir, shipped_adapter_dir
 from cold.vllm.generate import pair_limits, plan_waves, shutdown
 from cold.vllm.pairs import PairTable, PairTag, check_pair
 
 DEMO = demo_adapter_dir("smollm2")
+ANTI = shipped_adapter_dir("smollm2-coin_flip-step-50-selfneg")
 PROMPTS = [
     "What is 15% of 80?",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
@@ -225,14 +226,21 @@ def test_each_model_runner_gets_its_processor(monkeypatch):
 # ---- the real thing: one vllm.LLM for the module ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vllm_llm():
+def vllm_pair():
+    """The module's LLM, the expert's LoRARequest and an amateur adapter's (an anti-expert of another
+    task: any adapter of the same base contrasts)."""
     from cold.vllm import make_llm
 
     start = time.perf_counter()
-    llm, lora = make_llm("smollm2", DEMO, max_model_len=1024, kv_cache_gib=0.5)
+    made = make_llm("smollm2", DEMO, amateur_adapter=ANTI, max_model_len=1024, kv_cache_gib=0.5)
     print(f"\nvLLM LLM start-up: {time.perf_counter() - start:.1f} s")
-    yield llm, lora
-    shutdown(llm)
+    yield made
+    shutdown(made[0])
+
+
+@pytest.fixture(scope="module")
+def vllm_llm(vllm_pair):
+    return vllm_pair[:2]
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +271,22 @@ def test_vllm_cold_with_beta_zero_equals_vllm_lora_greedy(vllm_llm):
     # ...and the contrast does change the text (the amateur row really is the base model)
     contrast = generate(llm, PROMPTS, lora, beta=1.0, max_tokens=NEW, chat=True)
     assert any(c.token_ids != p.token_ids for c, p in zip(contrast, plain))
+
+
+def test_vllm_cold_against_an_amateur_adapter_equals_engine_cold(vllm_pair, smollm2):
+    from cold.vllm import generate
+
+    llm, lora, amateur = vllm_pair
+    expert_adapter, amateur_adapter = read_adapter(DEMO), read_adapter(ANTI)
+    engine = Engine(smollm2, [expert_adapter, amateur_adapter])
+    got = generate(llm, PROMPTS, lora, amateur=amateur, alpha=0.3, beta=1.0, max_tokens=NEW, chat=True)
+    want = engine.generate(PROMPTS, decoder="cold", adapter=expert_adapter.name, amateur_adapter=amateur_adapter.name,
+                           amateur_scale=1.0, alpha=0.3, beta=1.0, max_new_tokens=NEW, chat=True)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    vs_base = generate(llm, PROMPTS, lora, alpha=0.3, beta=1.0, max_tokens=NEW, chat=True)
+    assert any(g.token_ids != b.token_ids for g, b in zip(got, vs_base))  # the amateur row really has the adapter
+    with pytest.raises(ColdError, match="decoder 'cold' only"):
+        generate(llm, ["x"], lora, amateur=amateur, decoder="expert")
 
 
 def test_vllm_expert_and_base_equal_engine(vllm_llm, engine):
@@ -338,15 +362,23 @@ def test_generate_refuses_bad_input(vllm_llm):
         generate(llm, ["x"], lora, max_tokens=5000)
 
 
-def test_cli_generate_engine_vllm_matches_engine(engine, capsys):
+def test_cli_generate_engine_vllm_matches_engine_with_a_shipped_pair(smollm2):
+    """A shipped expert with a shipped anti-expert decodes against it at its tuned setting on vLLM too."""
     from typer.testing import CliRunner
 
     from cold.cli import app
+    from cold.load.pairs import shipped_pair
 
-    result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--json", "--chat", "-n", "16", *PROMPTS[:2]])
+    expert = shipped_adapter_dir("smollm2-coin_flip-step-50")
+    pair = shipped_pair(expert)
+    result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--adapter", expert.name, "--json", "--chat", "-n", "16", *PROMPTS[:2]])
     assert result.exit_code == 0, result.output
+    assert f"amateur: the anti-expert {pair.amateur_dir.name}" in result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    want = engine.generate(PROMPTS[:2], decoder="cold", max_new_tokens=16, chat=True)
+    expert_adapter, amateur_adapter = read_adapter(expert), read_adapter(pair.amateur_dir)
+    want = Engine(smollm2, [expert_adapter, amateur_adapter]).generate(
+        PROMPTS[:2], decoder="cold", adapter=expert_adapter.name, amateur_adapter=amateur_adapter.name, amateur_scale=1.0,
+        alpha=pair.setting["alpha"], beta=pair.setting["beta"], max_new_tokens=16, chat=True)
     assert [r["token_ids"] for r in records] == [w.token_ids for w in want]
 
 
@@ -358,7 +390,7 @@ def test_cli_engine_vllm_refuses_beam_search():
     result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--num-beams", "2", "hi"])
     assert result.exit_code == 2 and "--num-beams" in result.output
     result = CliRunner().invoke(app, ["generate", "--engine", "vllm", "--amateur-scale", "0.5", "hi"])
-    assert result.exit_code == 2 and "does not support --amateur/--amateur-scale" in result.output
+    assert result.exit_code == 2 and "does not support --amateur-scale without --amateur" in result.output
 
 
 # ---- cold serve --engine vllm: online, on vLLM's async engine, a real server and the openai client --------

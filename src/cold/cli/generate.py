@@ -139,8 +139,8 @@ def generate(
         adapters = parse_adapter_specs(adapter)
     else:  # the built-in demo adapter of a built-in model; the base model needs none
         adapters = {} if decoder is Decoder.base else default_adapters(model)
-    pair = None
-    if decoder is Decoder.cold and engine_name is not EngineName.vllm:  # vLLM pairs contrast with the base model
+    pair, given_use = None, use
+    if decoder is Decoder.cold:
         adapters, use, amateur, pair = choose_amateur(adapters, use, amateur, model)
     tuned = pair.setting if pair is not None else {}
     chosen = {"alpha": alpha, "beta": beta, "scoring": scoring.value if scoring else None,
@@ -157,10 +157,10 @@ def generate(
     if engine_name is EngineName.vllm:
         from cold.vllm.generator import VllmGenerator, check_supported
 
-        check_supported(params, use, stream, device)
+        check_supported(params, given_use, stream, device)
         refuse_kv_dtype_on_vllm(kv_dtype)
         with err.status(f"Starting vLLM with {model}" + (f" and adapter {', '.join(adapters)}" if adapters else "") + " …"):
-            generator = VllmGenerator(model, adapters, dtype)
+            generator = VllmGenerator(model, adapters, dtype, amateur=params.amateur_adapter)
         try:
             _print_batches(generator, texts, params, chat, as_json, batch_size)
         finally:

