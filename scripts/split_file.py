@@ -1,4 +1,4 @@
-"""Split a task file (a JSON list, or JSONL) into seeded, disjoint parts in the same format, so that a
+"""Split a task file (a JSON list, an object holding one, or JSONL) into seeded, disjoint parts in the same format, so that a
 task with only a test file (MultiArith, SingleEq) gets training, tuning and test problems for
 `cold anti-expert --task TASK --data ... --tune-data ... --test-data ...`.
 
@@ -20,15 +20,28 @@ import sys
 from pathlib import Path
 
 
-def read_rows(path: Path) -> tuple[list, bool]:
-    """The file's rows, and whether it is JSONL (else a JSON list)."""
+def read_rows(path: Path) -> tuple[list, str | None]:
+    """The file's rows, and its format: "jsonl", None (a JSON list) or the key of the one list in a
+    JSON object (Kojima et al.'s {"examples": [...]})."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()], True
-    rows = json.loads(text)
-    if not isinstance(rows, list):
-        sys.exit(f"{path}: expected a JSON list of rows")
-    return rows, False
+        return [json.loads(line) for line in text.splitlines() if line.strip()], "jsonl"
+    data = json.loads(text)
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        key = next(iter(data))
+        return data[key], key
+    if not isinstance(data, list):
+        sys.exit(f"{path}: expected a JSON list of rows, or an object holding one")
+    return data, None
+
+
+def write_rows(path: Path, rows: list, form: str | None) -> None:
+    """Write `rows` in the format `read_rows` found."""
+    if form == "jsonl":
+        body = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        body = json.dumps(rows if form is None else {form: rows}, indent=1) + "\n"
+    path.write_text(body, encoding="utf-8")
 
 
 def unique_rows(rows: list, field: str) -> list:
@@ -61,7 +74,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unique", metavar="FIELD", help="keep one row per text of FIELD (case and spacing ignored)")
     args = parser.parse_args()
-    rows, jsonl = read_rows(args.file)
+    rows, form = read_rows(args.file)
     if args.unique:
         rows = unique_rows(rows, args.unique)
     parts = parse_parts(args.parts)
@@ -74,9 +87,8 @@ def main() -> None:
     for name, count in parts.items():
         chosen = [rows[i] for i in sorted(order[start:start + count])]
         start += count
-        path = args.out / f"{name}.{'jsonl' if jsonl else 'json'}"
-        body = "".join(json.dumps(r) + "\n" for r in chosen) if jsonl else json.dumps(chosen, indent=1) + "\n"
-        path.write_text(body, encoding="utf-8")
+        path = args.out / f"{name}.{'jsonl' if form == 'jsonl' else 'json'}"
+        write_rows(path, chosen, form)
         print(f"wrote {path} ({count} rows)")
 
 

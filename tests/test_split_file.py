@@ -35,6 +35,14 @@ def test_parts_are_disjoint_sized_and_readable_by_the_task(tmp_path):
     assert again.returncode == 0 and (tmp_path / "again" / "tune.json").read_text() == (tmp_path / "out" / "tune.json").read_text()
 
 
+def test_an_object_holding_the_rows_keeps_its_shape(tmp_path):
+    source = tmp_path / "last_letters.json"
+    source.write_text(json.dumps({"examples": [{"question": f"Take the last letters of \"A{i} B\".", "answer": "b"} for i in range(9)]}))
+    done = split(str(source), "--parts", "train=5,test=4", "--unique", "question", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert [len(readers.read_last_letters(tmp_path / "out" / f"{n}.json")) for n in ("train", "test")] == [5, 4]
+
+
 def test_jsonl_stays_jsonl_and_too_many_rows_is_an_error(tmp_path):
     source = tmp_path / "qa.jsonl"
     source.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(6)))
