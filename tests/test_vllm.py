@@ -401,7 +401,8 @@ def vllm_server():
     from cold.serve.vllm_backend import VllmBackend
     from conftest import ServerThread
 
-    backend = VllmBackend.load("smollm2", {"demo": str(DEMO)}, max_model_len=1024, kv_cache_gib=0.5)
+    backend = VllmBackend.load("smollm2", {"demo": str(DEMO), "anti": str(ANTI)}, amateur="anti", max_model_len=1024,
+                               kv_cache_gib=0.5)
     server = ServerThread(create_app(backend, ServerConfig(model_name="smollm2", max_batch=64)))
     server.backend = backend
     yield server
@@ -473,6 +474,24 @@ def test_online_n_stop_strings_and_other_decoders(vllm_server, vllm_llm):
         assert got.choices[0].text == generate(llm, prompt, lora, decoder=decoder, max_tokens=12)[0].text, decoder
 
 
+def test_online_cold_against_an_amateur_adapter_equals_offline(vllm_server, vllm_pair):
+    """An anti-expert served beside its expert: CoLD requests that name it as their amateur get the
+    offline pairs' tokens with that amateur, and it answers as a model of its own too."""
+    from cold.vllm import generate
+
+    llm, lora, amateur = vllm_pair
+    client = vllm_server.client()
+    for prompt in PROMPTS[:3]:
+        want = generate(llm, prompt, lora, amateur=amateur, alpha=0.3, beta=1.0, max_tokens=NEW)[0]
+        got = client.completions.create(model="demo", prompt=prompt, max_tokens=NEW,
+                                        extra_body={"amateur": "anti", "alpha": 0.3, "beta": 1.0})
+        assert got.choices[0].text == want.text, prompt
+    vs_base = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=NEW, extra_body={"alpha": 0.3, "beta": 1.0})
+    assert vs_base.choices[0].text == generate(llm, PROMPTS[0], lora, alpha=0.3, beta=1.0, max_tokens=NEW)[0].text
+    as_model = client.completions.create(model="anti", prompt=PROMPTS[0], max_tokens=16, extra_body={"decoder": "expert"})
+    assert as_model.choices[0].text == generate(llm, PROMPTS[0], amateur, decoder="expert", max_tokens=16)[0].text
+
+
 def test_a_pair_out_of_step_is_retried_and_a_second_break_is_a_clear_500(vllm_server, vllm_llm, monkeypatch):
     from cold.vllm import generate
 
@@ -494,20 +513,23 @@ def test_a_pair_out_of_step_is_retried_and_a_second_break_is_a_clear_500(vllm_se
 
 
 def test_server_refuses_what_it_does_not_offer(vllm_server):
-    for fields, needle in [({"expert_scale": 2.0}, "expert_scale"), ({"amateur": "demo"}, "amateur"),
+    for fields, needle in [({"expert_scale": 2.0}, "expert_scale"), ({"amateur": "demo"}, "'demo' is not an amateur"),
+                           ({"amateur": "anti", "amateur_scale": 0.5}, "scale 1 only"),
+                           ({"amateur_scale": 1.0}, "expert's own adapter"),
                            ({"logprobs": 2}, "logprobs"), ({"beta": -1}, "beta"),
                            ({"echo": True, "logprobs": 1, "max_tokens": 1}, "echo"),
                            ({"max_tokens": 5000}, "context")]:
         r = httpx.post(vllm_server.url + "/v1/completions", json={"model": "demo", "prompt": "hi", **fields})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], (fields, r.text)
     assert httpx.post(vllm_server.url + "/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
-    assert [m["id"] for m in httpx.get(vllm_server.url + "/v1/models").json()["data"]] == ["smollm2", "demo"]
+    assert [m["id"] for m in httpx.get(vllm_server.url + "/v1/models").json()["data"]] == ["smollm2", "demo", "anti"]
 
 
 def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
     """`kill` (SIGTERM, as a service manager stops a service) of `cold serve --engine vllm` with a
     request in flight: the request is answered, the server exits with 143, and vLLM's engine-core
-    and worker processes end with it (they used to be left running, orphaned)."""
+    and worker processes end with it (they used to be left running, orphaned). The server runs a
+    shipped expert, so its anti-expert is served beside it and CoLD requests contrast with it."""
     import socket
     import subprocess
     import sys
@@ -519,7 +541,9 @@ def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "cold.cli.serve", "--engine", "vllm", "--port", str(port)],
+    expert = shipped_adapter_dir("smollm2-coin_flip-step-50")
+    server = subprocess.Popen([sys.executable, "-m", "cold.cli.serve", "--engine", "vllm", "--port", str(port),
+                               "--adapter", f"cf50={expert}"],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -534,7 +558,10 @@ def test_sigterm_stops_the_server_and_every_vllm_process(tmp_path):
         vllm_processes = psutil.Process(server.pid).children(recursive=True)
         assert {p.name() for p in vllm_processes} >= {"VLLM::EngineCore", "VLLM::Worker"}
         answers = []
-        body = {"model": "smollm2-gsm8k", "prompt": "Count to twenty:", "max_tokens": 48}
+        models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        assert models == ["smollm2", "cf50", "smollm2-coin_flip-step-50-selfneg"]
+        assert "contrast with its tuned anti-expert" in (tmp_path / "serve.log").read_text()
+        body = {"model": "cf50", "prompt": "Count to twenty:", "max_tokens": 48}
         request = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/completions", json=body, timeout=120)))
         request.start()
         time.sleep(1.0)

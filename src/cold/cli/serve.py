@@ -81,14 +81,13 @@ def serve(
             err.print(f"[yellow]warning:[/] the built-in demo adapter {next(iter(DEMO_ADAPTERS[model].values()))!r} is not installed yet; "
                       "serving the base model only (decoder 'cold'/'expert' requests will get 400). "
                       "Give an adapter with --adapter NAME=DIR.")
-    pairs = {}
-    if engine_name is not EngineName.vllm:  # vLLM pairs run the bare base model as the amateur
-        adapters, pairs = _paired(adapters, model)
+    adapters, pairs = _paired(adapters, model)
     if engine_name is EngineName.vllm:
         from cold.serve.vllm_backend import VllmBackend
 
         refuse_kv_dtype_on_vllm(kv_dtype)
-        backend = VllmBackend.load(model, adapters, dtype=dtype)
+        amateurs = {pair["amateur"] for pair in pairs.values()}
+        backend = VllmBackend.load(model, adapters, dtype=dtype, amateur=amateurs.pop() if len(amateurs) == 1 else None)
     elif engine_name is EngineName.llamacpp:
         from cold.llamacpp import LlamaCppEngine
         from cold.serve.engine_backend import EngineBackend

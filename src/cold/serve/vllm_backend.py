@@ -9,8 +9,14 @@ as soon as both of its rows fit (continuous batching), and every piece of text i
 soon as both rows have produced it. A pair that falls out of step is retried once, then answered
 500 (`cold_pair_failed`); both are counted in /metrics.
 
-Not offered: expert_scale, amateur / amateur_scale, logprobs on generated tokens, scoring
-prompts; each is a 400 that names it. Importing this module does not import vLLM.
+An anti-expert served beside its expert (`cold serve --engine vllm --adapter cf50=DIR --adapter
+cf50-selfneg=DIR2`, or a shipped pair) is the amateur CoLD requests may name (`"amateur":
+"cf50-selfneg"`; a pair's tuned setting is preset as with the default engine); it can also be asked
+for as a model of its own.
+
+Not offered: expert_scale, an amateur at another scale than 1 (or the expert's own adapter at a
+scale), logprobs on generated tokens, scoring prompts; each is a 400 that names it. Importing this
+module does not import vLLM.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from cold.errors import ColdError
+from cold.params import DecodeParams, amateur_fields
 from cold.serve.backend import Backend, DecodeThread, Job, deliver
 from cold.serve.metrics import Metrics
 from cold.serve.protocol import ApiError
@@ -38,29 +45,34 @@ class VllmBackend(Backend):
     name = "vllm"
     token_ids_in_choices = True
 
-    def __init__(self, engine, lora):
+    def __init__(self, engine, lora, amateur=None):
         """`engine`: a `vllm.v1.engine.async_llm.AsyncLLM` (`cold.vllm.generate.make_async_llm`); `lora`:
-        the LoRARequest served under its name (None: the base model only). `close()` shuts the engine down."""
+        the LoRARequest served under its name (None: the base model only); `amateur`: an amateur
+        adapter's LoRARequest, served under its name too. `close()` shuts the engine down."""
         self.engine, self.lora = engine, lora
         self.tokenizer = engine.get_tokenizer()
         model_config = engine.vllm_config.model_config
         self.context_length = model_config.max_model_len
         self.vocab_size = min(len(self.tokenizer), model_config.get_vocab_size())
-        self.adapter_names = [lora.lora_name] if lora is not None else []
-        self.pairs = OnlinePairs(engine, lora)  # used from the worker's event loop only
+        self.adapter_names = [r.lora_name for r in (lora, amateur) if r is not None]
+        self.pairs = OnlinePairs(engine, lora, amateur)  # used from the worker's event loop only
 
     @classmethod
-    def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32", **options) -> VllmBackend:
-        """Start vLLM's async engine with the (single) adapter; `options` go to `make_async_llm`."""
+    def load(cls, model: str, adapters: dict[str, str], dtype: str = "float32", amateur: str | None = None,
+             **options) -> VllmBackend:
+        """Start vLLM's async engine with the expert adapter and, named by `amateur`, its amateur
+        (`adapters`: name -> directory, at most these two); `options` go to `make_async_llm`."""
         from cold.vllm.generate import make_async_llm
         from cold.vllm.generator import quiet_vllm_logs
 
         quiet_vllm_logs()
-        if len(adapters) > 1:
-            raise ColdError("--engine vllm takes one adapter (CoLD pairs use a single LoRA per engine)")
-        name, path = next(iter(adapters.items())) if adapters else (None, None)
-        engine, lora = make_async_llm(model, path, adapter_name=name, dtype=dtype, **options)
-        return cls(engine, lora)
+        experts = [name for name in adapters if name != amateur]
+        if len(experts) > 1:
+            raise ColdError("--engine vllm takes one adapter, the expert, and optionally its anti-expert "
+                            f"(a `cold anti-expert` directory naming it); got {', '.join(adapters)}")
+        name = experts[0] if experts else None
+        return cls(*make_async_llm(model, adapters.get(name), adapter_name=name, amateur_adapter=adapters.get(amateur),
+                                   amateur_name=amateur, dtype=dtype, **options))
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -71,9 +83,12 @@ class VllmBackend(Backend):
     def refuse(self, body) -> None:
         if body.expert_scale not in (None, 1, 1.0):
             raise ApiError(400, "expert_scale is not supported by the vLLM engine", param="expert_scale", code="unsupported_parameter")
-        for name in ("amateur", "amateur_scale"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} is not supported by the vLLM engine", param=name, code="unsupported_parameter")
+        if body.amateur is not None or body.amateur_scale is not None:
+            try:
+                self.pairs.amateur_row(DecodeParams(decoder="cold", **amateur_fields(body.amateur, body.amateur_scale)))
+            except ColdError as exc:
+                raise ApiError(400, str(exc), param="amateur" if body.amateur is not None else "amateur_scale",
+                               code="unsupported_parameter") from None
         if body.reported_logprobs() is not None:
             raise ApiError(400, "logprobs on generated tokens are not offered by `cold serve --engine vllm`", param="logprobs",
                            code="unsupported_parameter")

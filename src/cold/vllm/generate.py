@@ -68,16 +68,18 @@ def make_llm(model: str = "smollm2", adapter: str | Path | None = None, amateur_
 
 def make_async_llm(model: str = "smollm2", adapter: str | Path | None = None, **options):
     """vLLM's async engine (`AsyncLLM`, for serving online: requests join the running batch) set up
-    as `make_llm` sets up an LLM, and the LoRARequest of `adapter`."""
+    as `make_llm` sets up an LLM, and the LoRARequest of `adapter`; with `amateur_adapter=DIR`
+    `(engine, lora, amateur_lora)`, as `make_llm` returns them."""
     require_vllm()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kwargs, lora, _ = engine_kwargs(model, adapter, **options)
+    kwargs, lora, amateur_lora = engine_kwargs(model, adapter, **options)
     try:
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), lora
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     except Exception as exc:
         raise ColdError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+    return (engine, lora) if options.get("amateur_adapter") is None else (engine, lora, amateur_lora)
 
 
 def engine_kwargs(
@@ -86,6 +88,7 @@ def engine_kwargs(
     *,
     amateur_adapter: str | Path | None = None,
     adapter_name: str | None = None,
+    amateur_name: str | None = None,
     dtype: str = "float32",
     max_model_len: int = 2048,
     max_num_seqs: int = 128,
@@ -94,7 +97,8 @@ def engine_kwargs(
     **llm_kwargs,
 ) -> tuple[dict, object, object]:
     """vLLM engine arguments set up for CoLD pairs, and the LoRARequests of `adapter` and of
-    `amateur_adapter` (each None where not given).
+    `amateur_adapter` (each None where not given), named `adapter_name` and `amateur_name` (default:
+    their directories' names).
 
     `dtype` is what `--dtype` takes; "auto" is cold's default (`cold.load.models.default_dtype`).
     Chunked prefill is off (a pair's two prompts must finish prefill in the same step), the logits
@@ -122,7 +126,7 @@ def engine_kwargs(
         lora = LoRARequest(adapter_name or Path(adapter).name, 1, str(Path(adapter).resolve()))
     if amateur_adapter is not None:  # vLLM tells LoRARequests apart by name
         ranks.append(read_adapter(amateur_adapter).rank)
-        name = Path(amateur_adapter).name
+        name = amateur_name or Path(amateur_adapter).name
         amateur_lora = LoRARequest(name + "-amateur" if name == lora.lora_name else name, 2, str(Path(amateur_adapter).resolve()))
     kwargs = dict(
         model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -2,10 +2,13 @@
 
     engine, lora = make_async_llm("smollm2", adapter=DIR)
     pairs = OnlinePairs(engine, lora)                          # used from one event loop
+    # or, against an anti-expert: engine, lora, amateur = make_async_llm(..., amateur_adapter=DIR2)
+    #                             pairs = OnlinePairs(engine, lora, amateur)
     async for event in pairs.stream(prompt_ids, params):      # cold.types.StreamEvent, index 0
         ...
 
-A CoLD prompt is two vLLM requests, the expert (with the LoRA) and the amateur (without), tagged
+A CoLD prompt is two vLLM requests, the expert (with the LoRA) and the amateur (without, or with
+the amateur's LoRA where a request names it in `amateur_adapter`), tagged
 as a pair (`cold.vllm.pairs`); the logits processor scores both rows together. Online, what keeps
 the two rows of a pair in one step:
 
@@ -102,9 +105,11 @@ class _Ticket:
 class OnlinePairs:
     """Streams of CoLD pairs (and single expert / base requests) over one `AsyncLLM`."""
 
-    def __init__(self, engine, lora, on_broken: Callable[[], None] | None = None):
-        """`lora`: the expert's LoRARequest (None: base model only); `on_broken`: called for every try that fell out of step."""
-        self.engine, self.lora = engine, lora
+    def __init__(self, engine, lora, amateur=None, on_broken: Callable[[], None] | None = None):
+        """`lora`: the expert's LoRARequest (None: base model only); `amateur`: the LoRARequest of an
+        adapter CoLD requests may name as their amateur (None: the base model is the only amateur);
+        `on_broken`: called for every try that fell out of step."""
+        self.engine, self.lora, self.amateur = engine, lora, amateur
         self.room = Room(engine_limits(engine.vllm_config))
         self.eos = engine.get_tokenizer().eos_token_id
         self.on_broken = on_broken or (lambda: None)
@@ -118,7 +123,36 @@ class OnlinePairs:
             raise ColdError("the tokenizer defines no EOS token, which a broken CoLD pair needs to be ended")
         if params.decoder != "base" and self.lora is None:
             raise ColdError(f"decoder {params.decoder!r} needs a LoRA adapter and none is served")
+        self.expert_row(params)
+        if params.contrastive:
+            self.amateur_row(params)
         self.room.check(2 if params.contrastive else 1, len(prompt_ids), params.max_new_tokens)
+
+    def expert_row(self, params: DecodeParams):
+        """The LoRARequest `params.adapter` names (None: the expert's); ColdError for one not loaded."""
+        loaded = [lora for lora in (self.lora, self.amateur) if lora is not None]
+        if params.adapter is None:
+            return self.lora
+        for lora in loaded:
+            if lora.lora_name == params.adapter:
+                return lora
+        raise ColdError(f"adapter {params.adapter!r} is not loaded in this vLLM engine "
+                        f"({', '.join(repr(lora.lora_name) for lora in loaded) or 'none'})")
+
+    def amateur_row(self, params: DecodeParams):
+        """The LoRARequest of a CoLD request's amateur row (None: the bare base model); ColdError for an
+        amateur this engine was not started with, or one at a scale it cannot run."""
+        if params.amateur_adapter is None:
+            if params.amateur_scale != 0:
+                raise ColdError("an amateur at a scale of the expert's own adapter is not offered by the vLLM engine; "
+                                "name an amateur adapter, or leave the amateur as the base model")
+            return None
+        if self.amateur is None or params.amateur_adapter != self.amateur.lora_name:
+            offered = f"only {self.amateur.lora_name!r}" if self.amateur is not None else "none: the base model is the amateur"
+            raise ColdError(f"amateur {params.amateur_adapter!r} is not an amateur of this vLLM engine ({offered})")
+        if params.amateur_scale != 1:
+            raise ColdError(f"the vLLM engine runs an amateur adapter at scale 1 only, not {params.amateur_scale:g}")
+        return self.amateur
 
     async def stream(self, prompt_ids: list[int], params: DecodeParams) -> AsyncIterator[StreamEvent]:
         """The generation of one prompt as it is decoded: events with the new text and ids, the last
@@ -214,9 +248,9 @@ class OnlinePairs:
         """Add the ticket's vLLM request(s); [(request id, output collector)], the expert first."""
         params, key = ticket.params, uuid.uuid4().hex
         if params.contrastive:
-            rows = [("expert", self.lora), ("amateur", None)]
+            rows = [("expert", self.expert_row(params)), ("amateur", self.amateur_row(params))]
         else:
-            rows = [(None, self.lora if params.decoder == "expert" else None)]
+            rows = [(None, self.expert_row(params) if params.decoder == "expert" else None)]
         return [await self._add_row(ticket, key, role, lora) for role, lora in rows]
 
     async def _add_row(self, ticket: _Ticket, key: str, role: str | None, lora) -> tuple:
