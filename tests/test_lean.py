@@ -42,11 +42,31 @@ def test_lean_step_is_used_for_llama_and_shares_the_weights(tiny, tiny_adapters)
     lean = Engine(tiny, tiny_adapters[:1])
     assert lean.lean is not None
     attn = tiny.model.model.layers[0].self_attn
-    qkv = lean.lean.layers[0].qkv  # q, k, v back to back, and the layers' own weights are views of it
+    qkv = lean.lean.layers[0].qkv.weight  # q, k, v back to back, and the layers' own weights are views of it
     q_rows = attn.q_proj.base.weight.shape[0]
     assert qkv.data_ptr() == attn.q_proj.base.weight.data_ptr()  # no copy of the base
     assert qkv[q_rows:].data_ptr() == attn.k_proj.base.weight.data_ptr()
-    assert Engine(tiny, tiny_adapters[:1]).lean.layers[0].qkv.data_ptr() == qkv.data_ptr()  # fused once
+    assert Engine(tiny, tiny_adapters[:1]).lean.layers[0].qkv.weight.data_ptr() == qkv.data_ptr()  # fused once
+
+
+def test_reordered_weights_compute_what_the_plain_ones_do_and_are_shared(tiny, tiny_adapters, monkeypatch):
+    """The lean step's matmuls run on oneDNN-reordered copies of the base weights (float32 on the
+    CPU), made once per model however many engines run over it; COLD_PACK_WEIGHTS=0 turns them off."""
+    from cold.runner.llama_step import Dense
+
+    gen = torch.Generator().manual_seed(0)
+    weight, x, residual = (torch.randn(shape, generator=gen) for shape in ((96, 64), (3, 64), (3, 96)))
+    dense, plain = Dense(weight, {}), Dense(weight, None)
+    assert dense.packed is not None and dense.packed.is_mkldnn and plain.packed is None
+    torch.testing.assert_close(dense(x), torch.nn.functional.linear(x, weight))
+    torch.testing.assert_close(dense.add_to(residual, x), residual + x @ weight.T)
+    torch.testing.assert_close(dense(x[1:]), plain(x[1:]))  # any row count, and views
+
+    first, second = Engine(tiny, tiny_adapters[:1]).lean, Engine(tiny, tiny_adapters[:1]).lean
+    assert first.layers[0].qkv.packed is not None and first.head.packed is not None
+    assert second.layers[0].qkv.packed is first.layers[0].qkv.packed  # one copy per model
+    monkeypatch.setenv("COLD_PACK_WEIGHTS", "0")
+    assert Engine(tiny, tiny_adapters[:1]).lean.layers[0].qkv.packed is None
 
 
 def test_one_lean_step_matches_the_reference_forward(tiny, tiny_adapters):

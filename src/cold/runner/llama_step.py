@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +67,81 @@ class LoraGroup:
         y.addmm_(F.linear(x, self.a[adapter]) * scale, self.b_t[adapter])
 
 
+class Dense:
+    """x @ W^T for a fixed weight W [out, in]: through oneDNN with W reordered once into its blocked
+    layout where the CPU build can (float32 anywhere; bfloat16 with AVX512-BF16 or AVX-NE-CONVERT),
+    otherwise `F.linear`. At a few rows the reordered weight reads at the memory's speed, where the
+    plain layout's matrix-matrix kernels do not (float32, 2 rows: about 2.8x faster per step here)."""
+
+    def __init__(self, weight: torch.Tensor, packed: dict | None = None):
+        """`packed`: where the reordered weights of this model are kept, keyed by memory, shape and
+        version, so that every lean step over the model shares one copy (None: no reordering)."""
+        self.weight = weight  # [out, in]
+        self.packed = None
+        if packed is not None:
+            key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight._version)
+            if key not in packed:
+                packed[key] = _reordered(weight)
+            self.packed = packed[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, in] -> [R, out]."""
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual [R, out] + x @ W^T, in one call."""
+        if self.packed is None:
+            return torch.addmm(residual, x, self.weight.T)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, None, "add")
+
+
+PACK_ROWS = 2  # the row count oneDNN's weight layout is chosen for (one CoLD pair); it serves any count
+# model -> its reordered weights, {(data_ptr, shape, dtype, version): mkldnn tensor or None}; kept
+# beside the model rather than on it, so that copies of the model (deepcopy) do not carry them
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PACK_SHARE = 0.25  # reorder a model's weights only when the copy takes at most this share of the free memory
+
+
+def should_pack(model) -> bool:
+    """Whether to keep a reordered copy of `model`'s weights for the lean step: on the CPU, where
+    the copy (about the model's size: the plain weights stay for prefill) fits in PACK_SHARE of the
+    memory that is free now. COLD_PACK_WEIGHTS=0 or 1 decides instead."""
+    forced = os.environ.get("COLD_PACK_WEIGHTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _PACKED.get(model):  # reordered for an earlier lean step: share them
+        return True
+    weights = [p for p in model.parameters()]
+    if not weights or weights[0].device.type != "cpu":
+        return False
+    size = sum(p.numel() * p.element_size() for p in weights)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no cheap way to ask
+        return False
+    return size <= PACK_SHARE * free
+
+
+def _reordered(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in oneDNN's blocked layout (an opaque mkldnn tensor), or None where it cannot be."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available() or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    except RuntimeError:  # e.g. bfloat16 on a CPU without the instructions oneDNN's bfloat16 path needs
+        return None
+
+
 @dataclass
 class LeanLayer:
     input_norm: torch.Tensor  # [H]
     post_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]: q, k and v weights back to back (the layers' weights are views of it)
-    o_t: torch.Tensor  # [Hq * D, H], o_proj's weight transposed (a view)
-    gate_up: torch.Tensor  # [2 I, H]: gate and up weights back to back (likewise)
-    down_t: torch.Tensor  # [I, H], down_proj's weight transposed (a view)
+    qkv: Dense  # [(Hq + 2 Hkv) * D, H]: q, k and v weights back to back (the layers' weights are views of it)
+    o: Dense  # [H, Hq * D], o_proj's weight
+    gate_up: Dense  # [2 I, H]: gate and up weights back to back (likewise)
+    down: Dense  # [H, I], down_proj's weight
     lora_qkv: LoraGroup | None
     lora_o: LoraGroup | None
     lora_gate_up: LoraGroup | None
@@ -85,9 +154,12 @@ class LeanDecoder(nn.Module):
     A module (calling it runs the step) only so that forward hooks can time it like the body it replaces.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, pack: bool = True):
+        """`pack`: run the base weights' matmuls on oneDNN-reordered copies (`Dense`), shared by
+        every lean step over `model`."""
         super().__init__()
         config = model.config
+        self.packed = _PACKED.setdefault(model, {}) if pack else None
         self.body = model.get_decoder()
         self.eps = config.rms_norm_eps
         self.q_heads = config.num_attention_heads
@@ -95,6 +167,9 @@ class LeanDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.layers = [self._layer(layer) for layer in self.body.layers[: config.num_hidden_layers]]
+        head = model.get_output_embeddings()
+        plain_head = type(head) is nn.Linear and head.bias is None
+        self.head = Dense(head.weight, self.packed) if plain_head else None  # the LM head (None: the model's own module)
 
     def _layer(self, layer) -> LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -102,8 +177,8 @@ class LeanDecoder(nn.Module):
         return LeanLayer(
             input_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
-            qkv=fused_weight(qkv), o_t=_base(attn.o_proj).weight.T,
-            gate_up=fused_weight(gate_up), down_t=_base(mlp.down_proj).weight.T,
+            qkv=Dense(fused_weight(qkv), self.packed), o=Dense(_base(attn.o_proj).weight, self.packed),
+            gate_up=Dense(fused_weight(gate_up), self.packed), down=Dense(_base(mlp.down_proj).weight, self.packed),
             lora_qkv=lora_group(qkv), lora_o=lora_group([attn.o_proj]),
             lora_gate_up=lora_group(gate_up), lora_down=lora_group([mlp.down_proj]),
         )
@@ -125,10 +200,10 @@ class LeanDecoder(nn.Module):
         lora = adapter is not None
         span = rows.span  # the adapted rows: only they pay for the LoRA (CoLD's amateur rows follow them)
         scale = rows.scale[span, None].to(x.dtype) if lora else None  # [A, 1]
-        qk_width, inner = (heads + kv) * dim, self.layers[0].gate_up.shape[0] // 2 if self.layers else 0
+        qk_width, inner = (heads + kv) * dim, self.layers[0].gate_up.weight.shape[0] // 2 if self.layers else 0
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv)  # [R, (Hq + 2 Hkv) D]
+            qkv = layer.qkv(h)  # [R, (Hq + 2 Hkv) D]
             if lora and layer.lora_qkv:
                 layer.lora_qkv.add(qkv[span], h[span], adapter, scale)
             qk = _rotate(qkv[:, :qk_width].reshape(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
@@ -137,15 +212,15 @@ class LeanDecoder(nn.Module):
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
             attn = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scaling)
             attn = attn.reshape(rows_n, heads * dim).to(x.dtype)  # the cache's dtype may be narrower
-            x = torch.addmm(x, attn, layer.o_t)  # residual + o_proj
+            x = layer.o.add_to(x, attn)  # residual + o_proj
             if lora and layer.lora_o:
                 layer.lora_o.add(x[span], attn[span], adapter, scale)
             h = self._norm(x, layer.post_norm)
-            gate_up = F.linear(h, layer.gate_up)  # [R, 2 I]
+            gate_up = layer.gate_up(h)  # [R, 2 I]
             if lora and layer.lora_gate_up:
                 layer.lora_gate_up.add(gate_up[span], h[span], adapter, scale)
             m = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]  # [R, I]
-            x = torch.addmm(x, m, layer.down_t)  # residual + down_proj
+            x = layer.down.add_to(x, m)  # residual + down_proj
             if lora and layer.lora_down:
                 layer.lora_down.add(x[span], m[span], adapter, scale)
         return self._norm(x, body.norm.weight)

@@ -28,7 +28,7 @@ from cold.lora.routing import RowSelection
 from cold.runner.attention import NAME as GROUPED_ATTENTION
 from cold.runner.attention import use_grouped_attention
 from cold.runner.kvcache import catch_up_cache, clear_rows, move_rows, new_cache
-from cold.runner.llama_step import LeanDecoder
+from cold.runner.llama_step import LeanDecoder, should_pack
 from cold.runner.llama_step import supports as lean_supported
 from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
 from cold.runner.state import BatchState, GrowingMask
@@ -97,7 +97,7 @@ class ModelRunner:
         else:
             uninstall_adapters(self.model)
         self.adapters = list(adapters)
-        self.lean = LeanDecoder(self.model) if self._use_lean else None
+        self.lean = LeanDecoder(self.model, pack=should_pack(self.model)) if self._use_lean else None
         _INSTALLED_BY[self.model] = weakref.ref(self)
 
     # ---- forward passes -----------------------------------------------------------------------
@@ -122,6 +122,8 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         """Full next-token logits [R, V] (float32) of hidden states [R, H]."""
+        if self.lean is not None and self.lean.head is not None:
+            return self._softcap(self.lean.head(hidden).float())
         head = self.model.get_output_embeddings()
         if layout is not None:
             self._route(layout)
