@@ -12,17 +12,18 @@ example does), no LoRA. Prints, per batch size, the median step time and tokens/
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import random
 import statistics
 import time
 from pathlib import Path
 
-import llama_cpp as L
 import numpy as np
 
+from cold.llamacpp.library import llama
 from cold.load.gguf import builtin_gguf
+
+L = llama()  # llama_cpp with its CPU backends loaded (a GGML_BACKEND_DL build has none until then)
 
 
 def _add(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -91,7 +92,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     path = builtin_gguf(args.model)
-    L.llama_backend_init()
     model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
     vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     rows = [measure(model, vocab_size, int(b), args.prompt_tokens, args.new_tokens, args.threads, args.seed)
