@@ -70,8 +70,8 @@ class LoraGroup:
 class Dense:
     """x @ W^T for a fixed weight W [out, in]: through oneDNN with W reordered once into its blocked
     layout where the CPU build can (float32 anywhere; bfloat16 with AVX512-BF16 or AVX-NE-CONVERT),
-    otherwise `F.linear`. At a few rows the reordered weight reads at the memory's speed, where the
-    plain layout's matrix-matrix kernels do not (float32, 2 rows: about 2.8x faster per step here)."""
+    otherwise `F.linear`. At a few rows the reordered weight is read at the memory's speed, where
+    the plain layout's matrix-matrix kernels fall well short of it (bench/README.md)."""
 
     def __init__(self, weight: torch.Tensor, packed: dict | None = None):
         """`packed`: where the reordered weights of this model are kept, keyed by memory, shape and
@@ -113,7 +113,7 @@ def should_pack(model) -> bool:
         return forced == "1"
     if _PACKED.get(model):  # reordered for an earlier lean step: share them
         return True
-    weights = [p for p in model.parameters()]
+    weights = list(model.parameters())
     if not weights or weights[0].device.type != "cpu":
         return False
     size = sum(p.numel() * p.element_size() for p in weights)
