@@ -10,7 +10,9 @@ One decode step (one new token per row) runs through the transformer body direct
 - the LoRA of such a group is one A matmul (the members' A stacked), one row-scale multiply and
   one in-place `addmm_` of the members' B as one block-diagonal matrix, on the adapted rows only
   (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
-- residual adds are folded into the output projections (`addmm`);
+- residual adds are folded into the output projections;
+- on the CPU the base weights and the LM head are multiplied through oneDNN on copies reordered
+  once into its blocked layout (`Dense`, one copy per model, where it fits in the free memory);
 - rotary embedding is applied to q and k in one go; attention is the same grouped SDPA call as
   the reference path (`cold.runner.attention`).
 
