@@ -62,8 +62,10 @@ def serve(
     import uvicorn
 
     from cold.load.demo import DEMO_ADAPTERS, default_adapters
+    from cold.runner.native_memory import bound_native_memory
     from cold.serve.app import ServerConfig, create_app
 
+    bound_native_memory()  # before any kernel is built: a server meets new matrix shapes for hours
     exit_on_sigterm()  # also when run as `python -m cold.cli.serve`: stopping it closes the backend
     if log_level.lower() not in LOG_LEVELS:
         raise ColdError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
