@@ -10,6 +10,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -25,7 +26,7 @@ from cold.cli import app as cli_app
 from cold.decoding.engine import Engine
 from cold.decoding.running import RunningBatch
 from cold.errors import ColdError
-from cold.llamacpp import LlamaCppEngine
+from cold.llamacpp import LlamaCppEngine, library
 from cold.llamacpp.library import EXTRA, llama
 from cold.llamacpp.lora import adapter_gguf
 from cold.llamacpp.runner import MIN_CONTEXT_TOKENS, Context
@@ -501,6 +502,21 @@ def test_missing_llama_cpp_python_names_the_extra(monkeypatch):
     with pytest.raises(ColdError, match="--engine llamacpp needs llama-cpp-python") as error:
         llama.__wrapped__()
     assert EXTRA in str(error.value) and EXTRA == "pip install 'cold-decoding[llamacpp]'"
+
+
+def test_the_cpu_variant_in_use_is_the_best_one_without_amx(monkeypatch):
+    """llama.cpp's AMX kernels died of SIGILL here (docs/llamacpp.md): without the opt-in, the
+    backend llama.cpp decodes with is the best-scoring variant that has no AMX."""
+    import llama_cpp
+
+    monkeypatch.delenv(library.AMX_OPT_IN, raising=False)
+    directories = library._variant_dirs(Path(llama_cpp.__file__).parent / "lib")
+    if not directories:
+        pytest.skip("llama.cpp built natively: no runtime-dispatched CPU variants to choose from")
+    best = library._best_variant(directories[0])
+    assert best is not None and best.stem.removeprefix("libggml-cpu-") not in library.AMX_VARIANTS
+    info = library.system_info()
+    assert "AVX2" in info and "AMX" not in info, info
 
 
 SMALL = MIN_CONTEXT_TOKENS  # KV cells of the small engine's contexts (fewer are raised to this)

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 from cold.errors import ColdError
 
 EXTRA = "pip install 'cold-decoding[llamacpp]'"  # what a user runs when llama-cpp-python is missing
 GGML_LOG_LEVEL_ERROR = 4
+# CPU variants whose matrix kernels use AMX tiles; on the 2-core Xeon VM we develop on, llama.cpp's
+# AMX kernel dies of SIGILL at its first tile load (docs/llamacpp.md), so they are opt-in
+AMX_VARIANTS = ("sapphirerapids",)
+AMX_OPT_IN = "COLD_LLAMACPP_AMX"  # =1: let llama.cpp pick an AMX variant where the CPU reports AMX
 
 
 @functools.cache
@@ -34,14 +39,38 @@ def _variant_dirs(lib_dir: Path) -> list[Path]:
 
 
 def _load_backends(lib_dir: Path) -> None:
-    """Register the CPU backend variants that a GGML_BACKEND_DL build ships as libggml-cpu-*.so
-    (llama-cpp-python's wheel puts them in site-packages/bin); llama.cpp then uses the best one
-    this CPU runs. A build with one CPU backend linked in (pip's default, -march=native) has none
-    of these files and needs nothing."""
+    """Register the CPU backend variant that a GGML_BACKEND_DL build ships as libggml-cpu-*.so
+    (llama-cpp-python's wheel puts them in site-packages/bin): the best one this CPU runs, by each
+    variant's own score, leaving out AMX_VARIANTS unless AMX_OPT_IN is 1. A build with one CPU
+    backend linked in (pip's default, -march=native) has none of these files and needs nothing."""
     for directory in _variant_dirs(lib_dir)[:1]:
         ggml = _ggml(lib_dir)
-        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        ggml.ggml_backend_load_all_from_path(str(directory).encode())
+        if os.environ.get(AMX_OPT_IN) == "1":
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(directory).encode())
+            continue
+        best = _best_variant(directory)
+        if best is not None:
+            ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load.restype = ctypes.c_void_p
+            ggml.ggml_backend_load(str(best).encode())
+
+
+def _best_variant(directory: Path) -> Path | None:
+    """The libggml-cpu-*.so in `directory`, AMX_VARIANTS left out, with the highest score on this CPU
+    (`ggml_backend_score`: 0 where it does not run), as llama.cpp's own loader picks among all."""
+    scores = {}
+    for path in directory.glob("libggml-cpu-*.so"):
+        if path.stem.removeprefix("libggml-cpu-") in AMX_VARIANTS:
+            continue
+        try:
+            score = ctypes.CDLL(str(path)).ggml_backend_score
+        except (OSError, AttributeError):  # not loadable here, or not a variant
+            continue
+        score.restype = ctypes.c_int
+        scores[path] = score()
+    best = max(scores, key=scores.get, default=None)
+    return best if best is not None and scores[best] > 0 else None
 
 
 def _ggml(lib_dir: Path) -> ctypes.CDLL:
