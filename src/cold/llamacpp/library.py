@@ -43,17 +43,17 @@ def _load_backends(lib_dir: Path) -> None:
     (llama-cpp-python's wheel puts them in site-packages/bin): the best one this CPU runs, by each
     variant's own score, leaving out AMX_VARIANTS unless AMX_OPT_IN is 1. A build with one CPU
     backend linked in (pip's default, -march=native) has none of these files and needs nothing."""
-    for directory in _variant_dirs(lib_dir)[:1]:
-        ggml = _ggml(lib_dir)
-        if os.environ.get(AMX_OPT_IN) == "1":
-            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-            ggml.ggml_backend_load_all_from_path(str(directory).encode())
-            continue
-        best = _best_variant(directory)
-        if best is not None:
-            ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-            ggml.ggml_backend_load.restype = ctypes.c_void_p
-            ggml.ggml_backend_load(str(best).encode())
+    directories = _variant_dirs(lib_dir)
+    if not directories:
+        return
+    ggml = _ggml(lib_dir)
+    if os.environ.get(AMX_OPT_IN) == "1":
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(str(directories[0]).encode())
+    elif (best := _best_variant(directories[0])) is not None:
+        ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load.restype = ctypes.c_void_p
+        ggml.ggml_backend_load(str(best).encode())
 
 
 def _best_variant(directory: Path) -> Path | None:
