@@ -8,7 +8,7 @@ import torch
 from cold.decoding.engine import Engine
 from cold.load.adapters import read_adapter
 from cold.load.demo import demo_adapter_dir
-from cold.load.models import BaseModel
+from cold.load.models import BaseModel, load_base
 from conftest import make_lora, prefill
 
 DECODERS = ("base", "expert", "cold")
@@ -69,21 +69,36 @@ def test_reordered_weights_compute_what_the_plain_ones_do_and_are_shared(tiny, t
     assert Engine(tiny, tiny_adapters[:1]).lean.layers[0].qkv.packed is None
 
 
+def _one_step(engine: Engine, prompts) -> torch.Tensor:
+    """Hidden states [R, H] (float32) after a CoLD prefill of `prompts` and one decode step."""
+    params = dict(decoder="cold", alpha=0.1, beta=0.5, expert_scale=1.5, max_new_tokens=8)
+    requests = engine.make_requests(prompts, None, False, params)
+    with torch.inference_mode():
+        layout, state = prefill(engine, requests)
+        cache, mask, positions = state.cache, state.attention_mask, state.positions
+        tokens = torch.tensor([[7]] * len(layout.rows))
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return engine.runner.forward(layout, tokens, mask, positions[:, None], cache).float()
+
+
 def test_one_lean_step_matches_the_reference_forward(tiny, tiny_adapters):
     prompts = _prompts(len(tiny.tokenizer))
-
-    def one_step(engine: Engine) -> torch.Tensor:  # hidden states [R, H] after one decode step
-        params = dict(decoder="cold", alpha=0.1, beta=0.5, expert_scale=1.5, max_new_tokens=8)
-        requests = engine.make_requests(prompts, None, False, params)
-        with torch.inference_mode():
-            layout, state = prefill(engine, requests)
-            cache, mask, positions = state.cache, state.attention_mask, state.positions
-            tokens = torch.tensor([[7]] * len(layout.rows))
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            return engine.runner.forward(layout, tokens, mask, positions[:, None], cache)
-
-    lean, reference = _both(tiny, tiny_adapters[:1], one_step)
+    lean, reference = _both(tiny, tiny_adapters[:1], lambda engine: _one_step(engine, prompts))
     assert torch.allclose(lean, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_lean_step_multiplies_its_lora_in_float32(tiny, tiny_dir, tiny_adapters):
+    """On the CPU a bfloat16 model's lean step keeps its LoRA in float32 (oneDNN's bfloat16
+    products of thin matrices cost a fixed ~20 us each); its hidden states are no further from the
+    float32 model's than the bfloat16 reference path's are."""
+    prompts = _prompts(len(tiny.tokenizer))
+    narrow = load_base(str(tiny_dir), dtype="bfloat16")
+    group = Engine(narrow, tiny_adapters[:1]).lean.layers[0].lora_qkv
+    assert group.a[0].dtype == group.b_t[0].dtype == torch.float32
+    lean, reference = _both(narrow, tiny_adapters[:1], lambda engine: _one_step(engine, prompts))
+    exact = _one_step(Engine(tiny, tiny_adapters[:1], lean=False), prompts)
+    scale = exact.abs().max()
+    assert (lean - exact).abs().max() <= (reference - exact).abs().max() + 0.01 * scale
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -126,4 +141,5 @@ def test_lean_greedy_tokens_equal_reference_on_the_default_model(smollm2, decode
     params = dict(decoder=decoder, alpha=0.1, beta=0.5, max_new_tokens=24)
     lean, reference = _both(smollm2, [adapter], lambda engine: _tokens(engine, prompts, chat=True, **params))
     assert lean == reference
+
 

@@ -8,8 +8,9 @@ One decode step (one new token per row) runs through the transformer body direct
   there is still one copy of the base weights (transformers' forward reads the same memory); the
   originals' pages, memory-mapped from the weights file, are given back to the system;
 - the LoRA of such a group is one A matmul (the members' A stacked), one row-scale multiply and
-  one in-place `addmm_` of the members' B as one block-diagonal matrix, on the adapted rows only
-  (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the LoRA);
+  one product with the members' B as one block-diagonal matrix, added in place, on the adapted
+  rows only (`RowSelection.span`: CoLD's amateur rows come after the expert rows and skip the
+  LoRA); in float32 on the CPU when the model computes in a narrower dtype (`LoraGroup`);
 - residual adds are folded into the output projections;
 - on the CPU the base weights and the LM head are multiplied through oneDNN on copies reordered
   once into its blocked layout (`Dense`, one copy per model, where it fits in the free memory);
@@ -59,6 +60,10 @@ class LoraGroup:
 
     h = (x A^T) * row scale with the members' A matrices stacked, then y += h B^T with the
     members' B^T as one block-diagonal matrix (a member without this LoRA: a zero block).
+
+    A and B^T are kept in float32 when a CPU model computes in a narrower dtype: oneDNN's bfloat16
+    products of these thin matrices cost a fixed ~20 us each, float32 ones (MKL) a few; the
+    sum is rounded to the model's dtype as the delta is added.
     """
 
     a: list[torch.Tensor]  # per adapter: [r_total, in], the members' A stacked
@@ -66,7 +71,11 @@ class LoraGroup:
 
     def add(self, y: torch.Tensor, x: torch.Tensor, adapter: int, scale: torch.Tensor) -> None:
         """y [A, out_total] (a view of the adapted rows) += LoRA delta of x [A, in]; scale [A, 1]."""
-        y.addmm_(F.linear(x, self.a[adapter]) * scale, self.b_t[adapter])
+        a, b_t = self.a[adapter], self.b_t[adapter]
+        if a.dtype == x.dtype:
+            y.addmm_(F.linear(x, a) * scale, b_t)
+        else:
+            y.add_(torch.mm(x.to(a.dtype), a.T).mul_(scale).mm(b_t))
 
 
 class Dense:
@@ -201,7 +210,7 @@ class LeanDecoder(nn.Module):
         adapter = rows.single if rows.single is not None and rows.single >= 0 else None
         lora = adapter is not None
         span = rows.span  # the adapted rows: only they pay for the LoRA (CoLD's amateur rows follow them)
-        scale = rows.scale[span, None].to(x.dtype) if lora else None  # [A, 1]
+        scale = rows.scale[span, None].to(lora_dtype(x)) if lora else None  # [A, 1]
         qk_width, inner = (heads + kv) * dim, self.layers[0].gate_up.weight.shape[0] // 2 if self.layers else 0
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
@@ -303,6 +312,7 @@ def lora_group(modules: list[nn.Module]) -> LoraGroup | None:
         return None
     n_adapters = adapted[0].lora_a.shape[0]
     like = adapted[0].lora_a
+    dtype = lora_dtype(like)
     a, b_t = [], []
     for k in range(n_adapters):
         a_parts, blocks, width = [], [], sum(_base(m).weight.shape[0] for m in modules)
@@ -315,6 +325,13 @@ def lora_group(modules: list[nn.Module]) -> LoraGroup | None:
                 block[:, column : column + out] = module.lora_b[k].T  # B^T [r, out] in this member's columns
                 blocks.append(block)
             column += out
-        a.append(torch.cat(a_parts).contiguous())  # [r_total, in]
-        b_t.append(torch.cat(blocks).contiguous())  # [r_total, out_total]
+        a.append(torch.cat(a_parts).to(dtype).contiguous())  # [r_total, in]
+        b_t.append(torch.cat(blocks).to(dtype).contiguous())  # [r_total, out_total]
     return LoraGroup(a=a, b_t=b_t)
+
+
+def lora_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the lean step's LoRA products for a model whose weights are like `weight`:
+    float32 on the CPU for narrower floats (see `LoraGroup`), the weights' own elsewhere."""
+    narrow = weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if narrow and weight.device.type == "cpu" else weight.dtype
