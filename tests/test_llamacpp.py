@@ -291,6 +291,31 @@ def test_a_prompt_decodes_the_same_whatever_came_before(engine):
     assert torch.equal(again, first) and torch.equal(third, first)
 
 
+def test_a_prompt_starting_like_a_released_one_decodes_only_the_rest(engine, decodes):
+    """A released sequence's cells stay in its slot, and the next prompt sharing their start (here
+    the chat template's system prompt) decodes only what follows it: the same logits, bit for bit,
+    as in a context that never held anything (each decode < 64 tokens). A prompt sharing nothing
+    reuses nothing."""
+    runner = engine.runner
+    runner.reset()
+    prompts = [engine.encode(p, chat=True)[1] for p in (PROMPTS[3], PROMPTS[4], "def fib(n):")]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts[:2])) if a != b)
+    assert shared >= 10
+    _prompt_and_steps(engine, PROMPTS[3])
+    decodes.clear()
+    reused = _prompt_and_steps(engine, PROMPTS[4])
+    assert decodes[0][2] == len(prompts[1]) - shared  # the prompt's tokens fed: only the rest
+    runner.close_contexts()  # fresh contexts: nothing kept
+    decodes.clear()
+    fresh = _prompt_and_steps(engine, PROMPTS[4])
+    assert decodes[0][2] == len(prompts[1])
+    assert torch.equal(reused, fresh)
+    context = runner.contexts[(0, 1.0)]
+    slot, kept = context.start([9, 9, 9], 8)  # nothing in common with the chat prompts
+    assert kept == 0 and context.held[slot] == []
+    context.release(slot)
+
+
 @pytest.fixture
 def decodes(monkeypatch):
     """Every llama.cpp decode: (context, sequences fed, tokens fed)."""
@@ -347,9 +372,11 @@ def test_lazy_amateur_decodes_the_same_tokens(engine, always, decodes, params):
 def test_an_amateur_never_needed_is_never_decoded(engine, decodes):
     """alpha = 1 leaves only the top token: the lazy amateur context never decodes, not even its
     prompt, and CoLD decodes the expert's own tokens."""
+    engine.runner.reset()
     cold = engine.generate(PROMPTS[:3], chat=True, max_new_tokens=NEW, adapter="step50", decoder="cold", alpha=1.0)
     assert decodes and all(c is engine.runner.contexts[(0, 1.0)] for c, _, _ in decodes)
     assert all(g.amateur_steps == 0 for g in cold)
+    engine.runner.reset()  # the same batch from the same empty cells (kept prompts would change llama.cpp's batches)
     expert = engine.generate(PROMPTS[:3], chat=True, max_new_tokens=NEW, adapter="step50", decoder="expert")
     assert [g.token_ids for g in cold] == [g.token_ids for g in expert]
 
@@ -373,6 +400,7 @@ def test_joining_and_leaving_a_running_batch(engine, always, decodes, policy):
     plan = [{"adapter": "step50", **p} for p in plan]
     requests = [engine.make_request(SHORT[i], DecodeParams(max_new_tokens=NEW, **p)) for i, p in enumerate(plan)]
     held = _held(engine)
+    engine.runner.reset()  # every run below from empty cells: kept prompts change where llama.cpp puts tokens
     batch = RunningBatch(engine.runner)
     ids = {key: [] for key in range(len(plan))}
     batch.join(requests[:2], [0, 1])
@@ -393,6 +421,7 @@ def test_joining_and_leaving_a_running_batch(engine, always, decodes, policy):
     assert _held(engine) == held
     assert _largest(decodes) < EXACT_TOKENS
     for key, p in enumerate(plan):
+        engine.runner.reset()
         alone = engine.generate(SHORT[key], max_new_tokens=NEW, **p)[0].token_ids
         assert ids[key] == (alone[: len(ids[2])] if key == 2 else alone), (key, p)
     assert len(ids[2]) == 6  # joined before step 3, dropped before step 9
@@ -455,6 +484,7 @@ def test_a_gguf_lora_file_as_the_adapter(engine):
         assert direct.adapters[0].gguf == gguf
         params = DecodeParams(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=NEW)
         got = direct.generate(PROMPTS[:3], params, chat=True)  # the same batches in both engines: exact
+        engine.runner.reset()  # from empty cells, as `direct`'s
         want = engine.generate(PROMPTS[:3], params.with_(adapter="step50"), chat=True)
         assert [g.token_ids for g in got] == [g.token_ids for g in want]
     finally:

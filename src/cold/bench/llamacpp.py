@@ -105,10 +105,10 @@ class GreedyE2E:
     def generate(self, prompts: list[list[int]], max_new: int | None = None) -> tuple[list[int], list[str]]:
         """Greedy decoding of one static batch: (tokens generated, finish reason) per prompt."""
         eos, max_new = self.engine.eos_ids, max_new or self.max_new
-        slots = [self.context.take(len(p) + max_new) for p in prompts]
+        slots, kept = zip(*[self.context.start(p, len(p) + max_new) for p in prompts])
         positions = [len(p) for p in prompts]
         lengths, reasons = [0] * len(prompts), ["length"] * len(prompts)
-        logits = self.context.decode([(s, p, 0) for s, p in zip(slots, prompts)])
+        logits = self.context.decode([(s, p[k:], k) for s, p, k in zip(slots, prompts, kept)])
         live = list(range(len(prompts)))
         while live:
             going = []

@@ -52,6 +52,11 @@ class LlamaCppModel:
     def __init__(self, path: Path, pointer, vocab_size: int, context_length: int):
         self.path, self.pointer, self.vocab_size, self.context_length = path, pointer, vocab_size, context_length
         self._loras: dict[Path, object] = {}
+        L = llama()
+        # a sequence of this model can be cut short and go on from there (not so with sliding-window
+        # or recurrent caches, which drop or fold the earlier cells)
+        self.prefix_reuse = not (L.llama_model_n_swa(pointer) > 0 or L.llama_model_is_recurrent(pointer)
+                                 or L.llama_model_is_hybrid(pointer))
 
     @classmethod
     def load(cls, path: str | Path) -> "LlamaCppModel":
@@ -86,9 +91,13 @@ class LlamaCppModel:
 class Context:
     """One llama.cpp context: its KV cells hold the sequences ("slots") of rows of one LoRA setting.
 
-    No prefix is shared between prompts: copying a kept prompt's cells into a new sequence
-    (llama_memory_seq_cp) gave later steps logits 0.6-0.8 off those of decoding it afresh in this
-    llama.cpp (tests/test_llamacpp.py checks that a prompt decodes alike whatever came before).
+    A released slot keeps its cells until they are needed, and a new prompt starts in the free
+    slot that holds the longest prefix of it (`start`): only the rest is decoded, as llama.cpp's
+    server does with its prompt cache. llama.cpp computes that as it does a fresh prompt decoded
+    in two pieces: bit for bit the same while each decode holds under 64 tokens, within its usual
+    batch-size rounding otherwise (tests/test_llamacpp.py). Copying a kept prompt's cells into
+    another sequence (llama_memory_seq_cp) is not used for this: it gave later steps logits
+    0.6-0.8 off those of decoding it afresh in this llama.cpp.
     """
 
     def __init__(self, model: LlamaCppModel, lora, scale: float, tokens: int, sequences: int, threads: int):
@@ -110,12 +119,19 @@ class Context:
                 raise ColdError("llama.cpp refused to apply the LoRA adapter to a context")
         self.memory = L.llama_get_memory(self.pointer)
         self.batch = L.llama_batch_init(BATCH_TOKENS, 0, 1)
-        self.tokens, self.vocab_size = tokens, model.vocab_size
+        self.tokens, self.vocab_size, self.prefix_reuse = tokens, model.vocab_size, model.prefix_reuse
         self.free = list(range(sequences - 1, -1, -1))  # slots not in use, the lowest last (popped first)
         self.reserved: dict[int, int] = {}  # slot -> KV cells it may come to hold
+        self.held: dict[int, list[int]] = {}  # slot -> the tokens in its cells, by position (free slots' kept)
 
     def take(self, cells: int) -> int:
-        """A free slot that reserves `cells` KV cells."""
+        """A free slot, emptied, that reserves `cells` KV cells."""
+        return self.start((), cells)[0]
+
+    def start(self, prompt: Sequence[int], cells: int) -> tuple[int, int]:
+        """A free slot for a sequence starting with `prompt`, reserving `cells` KV cells, and how many
+        of the prompt's first tokens its cells hold already (at most all but the last): feed the
+        rest from that position. Other free slots' kept cells are dropped as the room is needed."""
         if not self.free:
             raise ColdError(f"a llama.cpp context holds at most {len(self.reserved)} sequences; this batch needs more "
                             "(fewer prompts or beams at once)")
@@ -123,18 +139,43 @@ class Context:
             raise ColdError(f"a llama.cpp context holds {self.tokens} tokens and this batch needs more: decode fewer "
                             "prompts at once, or give the engine more (LlamaCppEngine.load(context_tokens=...); "
                             "cold serve sizes them from --max-batch and --max-tokens)")
-        slot = self.free.pop()
+        limit = len(prompt) - 1 if self.prefix_reuse else 0
+        kept = {slot: _common_prefix(self.held.get(slot, ()), prompt, limit) for slot in self.free}
+        # the longest prefix; on a tie the slot with the fewest kept cells, then the lowest
+        slot = max(reversed(self.free), key=lambda s: (kept[s], -len(self.held.get(s, ()))))
+        self.free.remove(slot)
         self.reserved[slot] = cells
-        return slot
+        self._trim(slot, kept[slot])
+        kept_cells = sum(len(self.held.get(s, ())) for s in self.free)
+        for other in list(self.free):  # drop kept cells the reservations may come to need, the highest slots' first
+            if sum(self.reserved.values()) + kept_cells <= self.tokens:
+                break
+            kept_cells -= len(self.held.get(other, ()))
+            self._trim(other, 0)
+        return slot, len(self.held[slot])
+
+    def _trim(self, slot: int, keep: int) -> None:
+        """Keep the first `keep` tokens of a slot's cells (all of them dropped where llama.cpp cannot
+        cut the sequence short)."""
+        L = llama()
+        held = self.held.get(slot, [])
+        if len(held) > keep and not L.llama_memory_seq_rm(self.memory, slot, keep, -1):
+            L.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            keep = 0
+        self.held[slot] = held[:keep]
 
     def clear(self) -> None:
         """Free every slot and KV cell."""
         llama().llama_memory_clear(self.memory, True)
         self.free += list(self.reserved)
         self.reserved.clear()
+        self.held.clear()
 
     def release(self, slot: int) -> None:
-        llama().llama_memory_seq_rm(self.memory, slot, -1, -1)
+        """Free a slot; its cells stay, for a later prompt that starts alike (`start`), where the
+        model's cache allows."""
+        if not self.prefix_reuse:
+            self._trim(slot, 0)
         del self.reserved[slot]
         self.free.append(slot)
 
@@ -142,6 +183,7 @@ class Context:
         """A new slot holding `source`'s KV cells (shared, not duplicated: the cache is unified)."""
         slot = self.take(cells)
         llama().llama_memory_seq_cp(self.memory, source, slot, -1, -1)
+        self.held[slot] = list(self.held[source])
         return slot
 
     def decode(self, work: list[tuple[int, Sequence[int], int]]) -> np.ndarray:
@@ -149,9 +191,24 @@ class Context:
         [len(work), V] float32 in work order. Runs as few llama_decode calls as BATCH_TOKENS allows."""
         L = llama()
         out = np.empty((len(work), self.vocab_size), dtype=np.float32)
-        batch, filled, owners = self.batch, 0, []
         flat = [(i, slot, token, pos + j, j == len(tokens) - 1)
                 for i, (slot, tokens, pos) in enumerate(work) for j, token in enumerate(tokens)]
+        for slot, tokens, pos in work:
+            held = self.held.setdefault(slot, [])
+            del held[pos:]
+            held += tokens
+        try:
+            self._decode_flat(flat, out)
+        except ColdError:  # the cells of these slots are unknown now: none is kept for reuse
+            for slot, _, _ in work:
+                L.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                self.held[slot] = []
+            raise
+        return out
+
+    def _decode_flat(self, flat: list, out: np.ndarray) -> None:
+        L = llama()
+        batch, filled, owners = self.batch, 0, []
         for n, (i, slot, token, pos, last) in enumerate(flat):
             batch.token[filled], batch.pos[filled], batch.n_seq_id[filled] = token, pos, 1
             batch.seq_id[filled][0], batch.logits[filled] = slot, last
@@ -167,7 +224,6 @@ class Context:
                     logits = np.ctypeslib.as_array(L.llama_get_logits(self.pointer), shape=(len(owners), self.vocab_size))
                     out[owners] = logits
                 filled, owners = 0, []
-        return out
 
     def close(self) -> None:
         L = llama()
@@ -278,13 +334,15 @@ class LlamaCppRunner:
         ALWAYS: a prompt is compute-bound, so decoding it now costs what a catch-up costs later, and
         nothing for an amateur that is never needed."""
         contrastive = (layout.amateur_row != layout.expert_row).tolist()
-        lag = AmateurLag.start(prompts, contrastive, self.cobatch_steps, bool(amateur_prompts))
         reserve = max(len(p) for p in prompts) + max_new_tokens
         keys = [_key(row) for row in layout.rows]
-        slots = self._take(keys, reserve)
-        state = LlamaState(layout, keys, slots, [0] * len(keys), torch.zeros(len(keys), self.model.vocab_size), lag, reserve,
+        slots, kept = self._take(keys, [prompts[row.seq] for row in layout.rows], reserve)
+        rest = [prompts[row.seq][k:] for row, k in zip(layout.rows, kept)]  # [R] each row's prompt past its kept cells
+        lag = AmateurLag.start([rest[r] for r in layout.amateur_row.tolist()], contrastive, self.cobatch_steps,
+                               bool(amateur_prompts))
+        state = LlamaState(layout, keys, slots, kept, torch.zeros(len(keys), self.model.vocab_size), lag, reserve,
                            max_new_tokens)
-        work = [(r, prompts[row.seq]) for r, row in enumerate(layout.rows) if row.role == "expert" or lag.started[row.seq]]
+        work = [(r, rest[r]) for r, row in enumerate(layout.rows) if row.role == "expert" or lag.started[row.seq]]
         try:
             self._decode(state, work)
         except ColdError:
@@ -378,17 +436,21 @@ class LlamaCppRunner:
         state.logits = state.logits[source]
         state.amateur = state.amateur.reordered(seq_source.tolist())
 
-    def _take(self, keys: list[ContextKey], reserve: int) -> list[int]:
+    def _take(self, keys: list[ContextKey], prompts: list[Sequence[int]], reserve: int) -> tuple[list[int], list[int]]:
+        """A slot for each row (keys[r], prompts[r]) and how many of its prompt's first tokens it holds."""
         slots: list[int] = []
+        kept: list[int] = []
         counts = {key: keys.count(key) for key in keys}
         try:
-            for key in keys:
-                slots.append(self.context(key, counts[key] * reserve).take(reserve))
+            for key, prompt in zip(keys, prompts):
+                slot, held = self.context(key, counts[key] * reserve).start(prompt, reserve)
+                slots.append(slot)
+                kept.append(held)
         except ColdError:
             for key, slot in zip(keys, slots):
                 self.contexts[key].release(slot)
             raise
-        return slots
+        return slots, kept
 
     def _release(self, state: LlamaState, rows) -> None:
         for r in rows:
@@ -425,6 +487,16 @@ class LlamaCppRunner:
         out = expert.clone()
         out[seqs] = score
         return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many first tokens `a` and `b` share, at most `limit`."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _key(row: RowSpec) -> ContextKey:
