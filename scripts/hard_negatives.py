@@ -12,8 +12,9 @@ choice drawn at random; alone it picks the right choice about as often as chance
 about which wrong answers tempt the expert. Here each row's `answerKey` becomes the wrong choice the
 expert ranks highest after the prompt it was trained on: by the token that decides which choice
 greedy decoding writes after `The answer is`, or, where two choices start with that same token, by
-the summed log-probability of `The answer is <choice>.`. The file keeps CommonsenseQA's format
-(the right label kept as `goldKey`), so `cold train --task commonsenseqa-text --data FILE` trains
+the summed log-probability of `The answer is <choice>.` (`cold.training.hard_negatives`; `cold
+anti-expert --task commonsenseqa` ranks its own training sample so). The file keeps CommonsenseQA's
+format (the right label kept as `goldKey`), so `cold train --task commonsenseqa-text --data FILE` trains
 on it unchanged. The rows `cold tune` samples are copied unchanged, in place, so the training
 loader finds and drops them as it does in the train file.
 """
@@ -28,54 +29,10 @@ import torch
 from tqdm import tqdm
 
 from cold.load.paths import data_root
-from cold.tasks.prompts import question_text
 from cold.tasks.readers import jsonl_rows, read_commonsenseqa, select
 from cold.training.data import DEFAULT_DATA, TUNING_RESERVE
-from cold.training.encoding import completion_ids, prompt_ids, resolve_prompt_format
-
-
-def answer_tokens(tokenizer, answers: list[str], prompt_format: str) -> tuple[list[list[int]], int]:
-    """Each answer's tokens (its end left out), and how many first tokens all answers share (at
-    least one token of each is left to tell them apart)."""
-    completions = [completion_ids(tokenizer, a, prompt_format)[:-1] for a in answers]
-    shared = 0
-    while shared < min(len(c) for c in completions) - 1 and len({c[shared] for c in completions}) == 1:
-        shared += 1
-    return completions, shared
-
-
-def deciding_token_scores(model, tokenizer, prompt: list[int], answers: list[str], prompt_format: str) -> list[float] | None:
-    """Log-probability of each answer's first token after the shared ones (`The answer is`): the token
-    that decides which choice greedy decoding writes. None where two answers share that token too.
-    One forward pass, with logits at its last position only (a vocabulary-sized row per position is
-    much of the cost)."""
-    completions, shared = answer_tokens(tokenizer, answers, prompt_format)
-    deciding = [c[shared] for c in completions]
-    if len(set(deciding)) < len(deciding):
-        return None
-    logits = model(input_ids=torch.tensor([prompt + completions[0][:shared]]), logits_to_keep=1).logits[0, -1]  # [V]
-    return torch.log_softmax(logits.float(), dim=-1)[deciding].tolist()
-
-
-def choice_scores(model, tokenizer, prompt: list[int], answers: list[str], prompt_format: str) -> list[float]:
-    """Summed log-probability of each answer's tokens (its end left out) after `prompt`. The prompt
-    and the shared tokens run once, then the cache is repeated for the answers' own tokens."""
-    completions, shared = answer_tokens(tokenizer, answers, prompt_format)
-    head = model(input_ids=torch.tensor([prompt + completions[0][:shared]]), use_cache=True, logits_to_keep=shared + 1)
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(len(answers))
-    rests = [c[shared:] for c in completions]
-    width = max(len(r) for r in rests)
-    ids = torch.zeros((len(answers), width), dtype=torch.long)
-    mask = torch.zeros((len(answers), len(prompt) + shared + width), dtype=torch.long)
-    for row, rest in enumerate(rests):
-        ids[row, : len(rest)] = torch.tensor(rest)
-        mask[row, : len(prompt) + shared + len(rest)] = 1
-    tail = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits  # [C, W, V]
-    # answer token j is predicted by the head's position j (j <= shared) or by the tail's j - shared - 1
-    logits = torch.cat([head.logits.expand(len(answers), -1, -1), tail[:, :-1]], dim=1).float()  # [C, shared + W, V]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return [logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item() for row, c in enumerate(completions)]
+from cold.training.encoding import resolve_prompt_format
+from cold.training.hard_negatives import rank_choices
 
 
 def main() -> None:
@@ -105,11 +62,7 @@ def main() -> None:
     with torch.inference_mode(), args.out.open("w", encoding="utf-8") as out:
         for p, row in tqdm(list(zip(problems, raw)), desc="scoring choices"):
             if p.id not in reserved:
-                prompt = prompt_ids(base.tokenizer, question_text(p), prompt_format)
-                answers = [f"The answer is {text}." for _, text in p.choices]
-                scores = (deciding_token_scores(model, base.tokenizer, prompt, answers, prompt_format)
-                          or choice_scores(model, base.tokenizer, prompt, answers, prompt_format))
-                ranked = [label for _, (label, _) in sorted(zip(scores, p.choices), key=lambda pair: -pair[0])]
+                ranked = rank_choices(model, base.tokenizer, p, prompt_format)
                 expert_right += ranked[0] == p.gold
                 scored += 1
                 row = dict(row, answerKey=next(label for label in ranked if label != p.gold), goldKey=p.gold)

@@ -88,12 +88,58 @@ def test_too_few_mistakes_is_one_clear_error_that_counts_them(pair_run):
     assert "Traceback" not in result.output + result.stderr
 
 
+MC_EXPERT = "smollm2-commonsenseqa-text"
+MC_TINY = dict(limit=12, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def choice_run(tmp_path_factory):
+    """One small run of every stage for multiple choice, from the shipped CommonsenseQA expert."""
+    out = tmp_path_factory.mktemp("anti-expert") / "csqa"
+    result = cli("anti-expert", "--adapter", MC_EXPERT, "--task", "commonsenseqa", "--out", out, *tiny(**MC_TINY))
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, result
+
+
+def test_multiple_choice_learns_the_experts_most_tempting_wrong_choices(choice_run):
+    from cold.load.paths import data_root
+    from cold.tasks.readers import read_commonsenseqa
+
+    out, result = choice_run
+    for stage in range(1, 7):
+        assert f"[{stage}/6]" in result.stderr
+    problems = {p.id: p for p in read_commonsenseqa(data_root() / "commonsenseqa/train_rand_split.jsonl")}
+    ranked = [json.loads(line) for line in (out / "mistakes" / "choices.jsonl").read_text().splitlines()]
+    assert len(ranked) == 12
+    negatives = json.loads((out / "negatives.json").read_text())["examples"]
+    assert len(negatives) == 12
+    mistakes = 0
+    for record, negative in zip(ranked, negatives):
+        problem = problems[record["id"]]
+        choices = dict(problem.choices)
+        assert sorted(record["ranked"]) == sorted(choices) and record["gold"] == problem.gold
+        wrong = next(label for label in record["ranked"] if label != problem.gold)  # the expert's favourite wrong choice
+        assert negative["worked"] == f"The answer is {choices[wrong]}." and negative["answer"] == choices[problem.gold]
+        assert "Answer Choices:" in negative["question"]  # worded as cold eval words it
+        mistakes += record["ranked"][0] != problem.gold
+    assert f"ranks a wrong choice first on {mistakes} of 12" in result.stderr
+    amateur = out / "anti-expert"
+    assert json.loads((amateur / "training_log.json").read_text())["hyperparameters"]["task"] == "hard-negatives"
+    assert read_pair(amateur).is_for(DEMO_DIR / MC_EXPERT)
+    rerun = cli("anti-expert", "--adapter", MC_EXPERT, "--task", "commonsenseqa", "--out", out, *tiny(**MC_TINY))
+    assert rerun.exit_code == 0 and "nothing to score" in rerun.stderr and "already trained: skipped" in rerun.stderr
+    refused = cli("anti-expert", "--adapter", MC_EXPERT, "--task", "commonsenseqa", "--out", out,
+                  *tiny(**MC_TINY, min_mistakes=13))
+    assert refused.exit_code == 2 and f"on {mistakes} of 12 training problems: too few mistakes" in refused.stderr
+    assert "Traceback" not in refused.output + refused.stderr
+
+
 def _rows(path: Path, questions: list[str]) -> Path:
     path.write_text("".join(json.dumps({"question": q, "answer": "1"}) + "\n" for q in questions))
     return path
 
 
-@pytest.mark.parametrize("case", ["test overlaps training", "tune overlaps test", "base model", "multiple choice", "no files"])
+@pytest.mark.parametrize("case", ["test overlaps training", "tune overlaps test", "base model", "no files"])
 def test_bad_inputs_are_refused_before_any_work(tmp_path, case):
     train = _rows(tmp_path / "train.jsonl", [f"What is {i} + 1?" for i in range(10)])
     tune = _rows(tmp_path / "tune.jsonl", ["What is 200 + 1?"])
@@ -105,7 +151,6 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, case):
         "tune overlaps test": ([*jsonl, "--tune-data", test, "--test-data", test], "share 2 question(s)"),
         "base model": ([*jsonl, "--tune-data", tune, "--test-data", test, "--model", "gemma3"],
                        "trained on base model 'smollm2', not 'gemma3'"),
-        "multiple choice": (["--task", "commonsenseqa"], "multiple choice"),
         "no files": (jsonl, "--task jsonl needs --data"),
     }[case]
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""scripts/hard_negatives.py: the expert's most tempting wrong choice as a CommonsenseQA row's label."""
+"""cold.training.hard_negatives and scripts/hard_negatives.py: the expert's most tempting wrong choice as a
+CommonsenseQA row's label."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from cold.tasks.readers import read_commonsenseqa, select
+from cold.training import hard_negatives
 from cold.training.data import TUNING_RESERVE, load_commonsenseqa
 from cold.training.encoding import completion_ids, prompt_ids
-from conftest import SCRIPTS, load_script, make_lora
+from conftest import SCRIPTS, make_lora
 
 SCRIPT = SCRIPTS / "hard_negatives.py"
 
@@ -24,7 +26,7 @@ def test_cached_choice_scores_equal_full_forward(tiny, tmp_path):
     prompt = prompt_ids(tok, "Where do you keep milk?\nAnswer Choices: (A) shelf (B) fridge", "zero-shot")
     answers = ["The answer is shelf.", "The answer is a cold refrigerator.", "The answer is B."]
     with torch.inference_mode():
-        got = load_script("hard_negatives").choice_scores(peft_model, tok, prompt, answers, "zero-shot")
+        got = hard_negatives.choice_scores(peft_model, tok, prompt, answers, "zero-shot")
         for answer, score in zip(answers, got):
             completion = completion_ids(tok, answer, "zero-shot")[:-1]
             logprobs = torch.log_softmax(peft_model(input_ids=torch.tensor([prompt + completion])).logits[0].float(), -1)
@@ -38,7 +40,7 @@ def test_deciding_token_scores(tiny, tmp_path):
     answers that also share that token are left to the full scores (None)."""
     peft_model = make_lora(tiny.model, tmp_path / "lora")
     tok = tiny.tokenizer
-    hn = load_script("hard_negatives")
+    hn = hard_negatives
     prompt = prompt_ids(tok, "Where do you keep milk?", "zero-shot")
     answers = ["The answer is shelf.", "The answer is fridge.", "The answer is table."]
     with torch.inference_mode():

@@ -1,7 +1,9 @@
 """`cold anti-expert`: from an expert adapter to the anti-expert that repairs it, as a ready CoLD pair.
 
-    OUT/mistakes/        stage 1: the expert's greedy answers on training problems (a `cold eval` run)
-    OUT/negatives.json   stage 2: its wrong, finished answers (`cold.training.negatives`)
+    OUT/mistakes/        stage 1: the expert's greedy answers on training problems (a `cold eval` run);
+                         for multiple choice its ranking of each problem's choices (`choices.jsonl`)
+    OUT/negatives.json   stage 2: its wrong, finished answers (`cold.training.negatives`); for
+                         multiple choice its most tempting wrong choices (`cold.training.hard_negatives`)
     OUT/anti-expert/     stage 3: the anti-expert, trained on them with the expert's recipe; with
                          stage 6's `cold-pair.json` (the tuned setting) and its model card: the pair
     OUT/tune/            stage 4: the alpha x beta grid against the anti-expert on a tuning split (`cold tune`)
@@ -33,6 +35,7 @@ from cold.cli.eval_run import (
     MaxNewTokens,
     PromptChoice,
     Seed,
+    _progress,
     check_common,
     generate_all,
     prepare,
@@ -45,8 +48,10 @@ from cold.errors import ColdError
 from cold.load.paths import fingerprint
 from cold.tasks import readers as tasks
 
-TRAINING_SPLITS = {"coin_flip": "gen-train", "last_letters": "gen-train", "gsm8k": "train"}  # task -> where mistakes come from
+# task -> where mistakes come from
+TRAINING_SPLITS = {"coin_flip": "gen-train", "last_letters": "gen-train", "gsm8k": "train", "commonsenseqa": "train"}
 ANTI_EXPERT_DIR, MISTAKES_DIR, NEGATIVES_FILE, TUNE_DIR, TEST_DIR = "anti-expert", "mistakes", "negatives.json", "tune", "test"
+CHOICES_FILE = "choices.jsonl"  # in OUT/mistakes, multiple choice: one line per problem, {"id", "ranked", "gold"}
 STAGES = 6
 TRAINED_STAMP = "anti-expert.trained.json"  # in OUT: the settings and data sha1 of the finished training
 # the recipe where the expert's own training log does not say (the shipped adapters' recipe)
@@ -57,7 +62,7 @@ DEFAULT_RECIPE = {"batch_size": 8, "learning_rate": 5e-4, "max_length": 256, "se
 @resumes_on_interrupt
 def anti_expert_command(
     adapter: Annotated[str, typer.Option(help="The expert: a PEFT LoRA adapter directory, or a shipped adapter's name (e.g. smollm2-coin_flip-step-50).")],
-    task: Annotated[str, typer.Option(help="coin_flip, last_letters, gsm8k (each has a training, a tuning and a test split), or jsonl with --data, --tune-data and --test-data (question/answer JSONL).")] = "coin_flip",
+    task: Annotated[str, typer.Option(help="coin_flip, last_letters, gsm8k, commonsenseqa (multiple choice: the expert's most tempting wrong choices train the anti-expert; each has a training, a tuning and a test split), or jsonl with --data, --tune-data and --test-data (question/answer JSONL).")] = "coin_flip",
     data: Annotated[Optional[Path], typer.Option(help="Training problems: your own file instead of the task's training split.")] = None,
     tune_data: Annotated[Optional[Path], typer.Option(help="Tuning problems: your own file instead of the task's tuning split (may be the --data file: its tuning sample is then kept out of training).")] = None,
     test_data: Annotated[Optional[Path], typer.Option(help="Test problems: your own file instead of the task's test split.")] = None,
@@ -105,9 +110,7 @@ def anti_expert_command(
     grid = tuning.grid_specs(tuning.parse_grid(alphas, "alphas", 0.0, 1.0), tuning.parse_grid(betas, "betas", 0.0), [], ["logit"],
                              vs_amateur=True, schedules=tuning.parse_schedules(schedules))
     the_task = tasks.get_task(task, answer_type=answer_type.value)
-    if the_task.answer_type == "choice":
-        raise ColdError(f"task {task!r} is multiple choice: its anti-expert learns the expert's most tempting wrong choice "
-                        "(scripts/hard_negatives.py, then cold train); cold anti-expert takes generative tasks")
+    choice = the_task.answer_type == "choice"
     if the_task.name != tasks.GENERIC and the_task.name not in TRAINING_SPLITS and data is None:
         raise ColdError(f"task {task!r} has no training split: give --data, --tune-data and --test-data")
     if the_task.name == tasks.GENERIC and (data is None or tune_data is None or (test and test_data is None)):
@@ -118,17 +121,24 @@ def anti_expert_command(
     common = dict(model=model, prompt=prompt, shots=0, instruction="", max_new_tokens=max_new_tokens, seed=seed,
                   question_field="question", answer_field="answer", answer_type=answer_type, choices_field=None, dtype=dtype)
 
-    _stage(1, f"the expert's answers on {len(splits.train)} training problems -> {shown(out / MISTAKES_DIR)}")
-    run = prepare(task, data, splits.train_split, [DecoderSpec("expert")], adapter=expert, limit=None,
-                  out_dir=out / MISTAKES_DIR, **common)
-    _restrict(run, splits.train)
-    generate_all(run, [DecoderSpec("expert")], model, device, dtype, max_new_tokens, batch_size)
-
-    _stage(2, f"its wrong answers -> {shown(out / NEGATIVES_FILE)}")
-    examples = _negatives(out, min_mistakes)
+    if choice:
+        _stage(1, f"the expert's ranking of the choices of {len(splits.train)} training problems -> "
+                  f"{shown(out / MISTAKES_DIR / CHOICES_FILE)}")
+        ranked = _rank_choices(expert, model, splits.train, out / MISTAKES_DIR / CHOICES_FILE, _prompt_format(expert, prompt),
+                               device, dtype)
+        _stage(2, f"its most tempting wrong choices -> {shown(out / NEGATIVES_FILE)}")
+        examples = _hard_negatives(out, splits.train, ranked, min_mistakes)
+    else:
+        _stage(1, f"the expert's answers on {len(splits.train)} training problems -> {shown(out / MISTAKES_DIR)}")
+        run = prepare(task, data, splits.train_split, [DecoderSpec("expert")], adapter=expert, limit=None,
+                      out_dir=out / MISTAKES_DIR, **common)
+        _restrict(run, splits.train)
+        generate_all(run, [DecoderSpec("expert")], model, device, dtype, max_new_tokens, batch_size)
+        _stage(2, f"its wrong answers -> {shown(out / NEGATIVES_FILE)}")
+        examples = _negatives(out, min_mistakes)
 
     _stage(3, f"the anti-expert, {max_steps} steps of the expert's recipe -> {shown(amateur)}")
-    recipe = _train(expert, model, out, amateur, max_steps, threads, prompt)
+    recipe = _train(expert, model, out, amateur, max_steps, threads, prompt, "hard-negatives" if choice else "self-negatives")
 
     _stage(4, f"alpha x beta against it on {len(splits.tune)} tuning problems -> {shown(out / TUNE_DIR)}")
     specs = [DecoderSpec("expert"), *grid[1:]]
@@ -237,15 +247,71 @@ def _negatives(out: Path, min_mistakes: int) -> list[dict]:
     return examples
 
 
-def _train(expert: Path, model: str, out: Path, amateur: Path, max_steps: int, threads, prompt) -> dict:
-    """Train the anti-expert unless a finished one with this recipe and data is there; its recipe."""
+def _rank_choices(expert: Path, model: str, problems: list, path: Path, prompt_format: str, device, dtype) -> dict[str, list[str]]:
+    """{problem id: its choice labels, the expert's favourite first} for every problem, kept one line
+    per problem in `path` (a rerun ranks only the problems not there yet)."""
+    ranked = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            ranked[record["id"]] = record["ranked"]
+    todo = [p for p in problems if p.id not in ranked]
+    if not todo:
+        err.print("nothing to score: every problem's choices are ranked")
+        return ranked
+    import torch
+    from peft import PeftModel
+
+    from cold.load.models import load_base
+    from cold.training.encoding import resolve_prompt_format
+    from cold.training.hard_negatives import rank_choices
+
+    base = load_base(model, device=device, dtype=dtype)
+    scorer = PeftModel.from_pretrained(base.model, str(expert)).eval()
+    resolved = resolve_prompt_format(base.tokenizer, prompt_format, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(), path.open("a", encoding="utf-8") as records, _progress() as progress:
+        for done, problem in enumerate(todo, 1):
+            ranked[problem.id] = rank_choices(scorer, base.tokenizer, problem, resolved)
+            records.write(json.dumps({"id": problem.id, "ranked": ranked[problem.id], "gold": problem.gold}) + "\n")
+            records.flush()
+            progress("expert's ranking", done, len(todo))
+    return ranked
+
+
+def _hard_negatives(out: Path, problems: list, ranked: dict[str, list[str]], min_mistakes: int) -> list[dict]:
+    from cold.training.hard_negatives import hard_negative
+    from cold.training.negatives import write_negatives
+
+    mistakes = sum(ranked[p.id][0] != p.gold for p in problems)
+    found = f"the expert ranks a wrong choice first on {mistakes} of {len(problems)} training problems"
+    if mistakes < min_mistakes:
+        raise ColdError(f"{found}: too few mistakes to learn from (--min-mistakes {min_mistakes}); "
+                        "give more training problems (--limit) or an expert with room to improve")
+    examples = [hard_negative(p, ranked[p.id]) for p in problems]
+    write_negatives(examples, out / NEGATIVES_FILE)
+    err.print(escape(f"{found}; its most tempting wrong choice on each of them is the anti-expert's answer"))
+    return examples
+
+
+def _prompt_format(expert: Path, prompt) -> str:
+    """The prompt format the expert was trained in, as `cold train --prompt` takes it."""
+    from cold.training.recipe import recipe_of
+
+    recipe = {**DEFAULT_RECIPE, **recipe_of(expert)[0]}
+    if recipe["prompt_format"] == "auto":
+        return "zero-shot" if prompt is PromptChoice.zero_shot else "auto"
+    return recipe["prompt_format"]
+
+
+def _train(expert: Path, model: str, out: Path, amateur: Path, max_steps: int, threads, prompt, task: str) -> dict:
+    """Train the anti-expert on OUT's negatives (`task`: their training format) unless a finished one
+    with this recipe and data is there; its recipe."""
     from cold.training.recipe import recipe_of
 
     recipe, source = recipe_of(expert)
-    recipe = {**DEFAULT_RECIPE, **recipe}
-    if recipe["prompt_format"] == "auto":
-        recipe["prompt_format"] = "zero-shot" if prompt is PromptChoice.zero_shot else "auto"
-    settings = dict(base_model=model, task="self-negatives", data_path=str(out / NEGATIVES_FILE), output_dir=str(amateur),
+    recipe = {**DEFAULT_RECIPE, **recipe, "prompt_format": _prompt_format(expert, prompt)}
+    settings = dict(base_model=model, task=task, data_path=str(out / NEGATIVES_FILE), output_dir=str(amateur),
                     max_steps=max_steps, threads=threads, **{**recipe, "target_modules": tuple(recipe["target_modules"])})
     err.print(f"recipe from {escape(source)}: " + ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "target_modules"))
     stamp = out / TRAINED_STAMP  # what the finished anti-expert was trained with: its settings and data

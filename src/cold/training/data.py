@@ -87,6 +87,7 @@ TASK_LOADERS = {
     "commonsenseqa-text": lambda path: load_commonsenseqa(path, answer_text=True),
     "commonsenseqa-text-wrong": lambda path: load_commonsenseqa(path, answer_text=True, wrong=True),
     "self-negatives": load_worked_examples,  # an expert's own wrong answers (cold.training.negatives)
+    "hard-negatives": load_worked_examples,  # a multiple-choice expert's tempting wrong choices (cold.training.hard_negatives)
 }
 
 
@@ -99,6 +100,7 @@ TASK_FORMATS = {  # task -> the answer its pairs train on, as the model card des
     "commonsenseqa-text": f"`The answer is <the right choice's text>.` ({_CSQA_NOTE})",
     "commonsenseqa-text-wrong": f"`The answer is <a wrong choice's text>.`, one wrong choice per row drawn at random: an anti-expert, for use as CoLD's amateur ({_CSQA_NOTE})",
     "self-negatives": "the expert's own wrong answer, as it wrote it (`cold anti-expert`): an anti-expert, for use as CoLD's amateur",
+    "hard-negatives": "`The answer is <the wrong choice the expert ranks highest>.` (`cold anti-expert`): an anti-expert, for use as CoLD's amateur",
 }
 
 
