@@ -290,7 +290,7 @@ def _hard_negatives(out: Path, problems: list, ranked: dict[str, list[str]], min
                         "give more training problems (--limit) or an expert with room to improve")
     examples = [hard_negative(p, ranked[p.id]) for p in problems]
     write_negatives(examples, out / NEGATIVES_FILE)
-    err.print(escape(f"{found}; its most tempting wrong choice on each of them is the anti-expert's answer"))
+    err.print(escape(f"{found}; on every problem its most tempting wrong choice is the anti-expert's answer"))
     return examples
 
 
