@@ -62,6 +62,33 @@ def test_rows_leaving_keep_the_room_and_the_rest_decodes_as_before(tiny, adapter
     assert out[0] == alone[0] and out[2] == alone[2]
 
 
+def test_a_join_and_the_trim_after_a_leave_keep_room_for_the_rest_of_the_run(tiny, adapter, monkeypatch):
+    """Merging a joining batch copies each row once into buffers with room for the rest of the
+    generation, and dropping leading padding columns is a view: no layer regrows afterwards, and
+    every sequence's tokens equal decoding it alone."""
+    params = dict(decoder="cold", alpha=0.1, beta=0.5, max_new_tokens=10)
+    alone = _tokens(Engine(tiny, [adapter]), **params)
+    engine = Engine(tiny, [adapter])
+    regrown = []
+    grown = GrowingLayer._grown
+    monkeypatch.setattr(GrowingLayer, "_grown", lambda self, *a: regrown.append(1) or grown(self, *a))
+    requests = engine.make_requests(PROMPTS, None, False, {**params, "ignore_eos": True})
+    batch = RunningBatch(engine.runner)
+    batch.join(requests[:1], [0])  # the longest prompt, alone: the later rows are left-padded
+    out = {0: [], 1: [], 2: []}
+    for step in range(10 + 3):
+        if step == 3:
+            batch.join(requests[1:], [1, 2])
+            layer = batch.cache.layers[0]
+            assert layer.spare >= 10 and batch.state.mask.spare >= 10  # the joiners' whole generation
+        for key, event in batch.step():
+            out[key] += event.token_ids
+        if step == 9:  # sequence 0 has finished: its prompt's leading columns are padding in the rest
+            assert 0 not in batch.keys and batch.cache.layers[0].keys.shape[2] < 7 + 10
+    assert regrown == []
+    assert [out[k] for k in range(3)] == alone
+
+
 def test_prefill_in_chunks_of_columns_gives_the_same_tokens(tiny, adapter, monkeypatch):
     for params in (dict(decoder="cold", alpha=0.1, beta=0.5), dict(decoder="expert"), dict(decoder="cold", num_beams=2)):
         whole = _tokens(Engine(tiny, [adapter]), max_new_tokens=10, **params)

@@ -123,6 +123,17 @@ class GrowingLayer(DynamicLayer):
         buffer[:, :, :length] = filled
         return buffer
 
+    @property
+    def spare(self) -> int:
+        """Columns the buffers hold beyond the filled ones."""
+        return 0 if self._k is None else self._k.shape[-2] - self._k_length
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget every row's first `columns` columns; a view of the same buffers, the spare room kept."""
+        if self._k is not None:
+            self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
+            self._k_length = self._v_length = self._k_length - columns
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows `indices` (in that order), and the spare room."""
         if self._k is not None and self._k_length > 0:
@@ -180,6 +191,31 @@ def catch_up_cache(cache: DynamicCache, rows: torch.Tensor, start: int, write: t
     window = DynamicCache()
     window.layers = [_Window(layer, rows, start, write) for layer in cache.layers]
     return window
+
+
+def merge_caches(first: DynamicCache, second: DynamicCache, pieces: list[tuple[int, int, int]], length: int) -> None:
+    """`first` takes both caches' rows in the order of `pieces` ((0 or 1, start, end): rows
+    start..end of `first` or of `second`), each row left-padded with zeros to `length` filled
+    columns. Each row is copied once, into buffers with as much spare room as the roomier cache
+    had, so the steps after a merge append in place."""
+    for mine, theirs in zip(first.layers, second.layers):
+        layers = (mine, theirs)
+        rows = sum(end - start for _, start, end in pieces)
+        _, heads, _, dim = mine._k.shape
+        capacity = length + max(mine.spare, theirs.spare)
+        merged = []
+        for name in ("_k", "_v"):
+            out = mine._k.new_empty(rows, heads, capacity, dim)
+            at = 0
+            for which, start, end in pieces:
+                layer, n = layers[which], end - start
+                filled = layer._k_length
+                out[at : at + n, :, : length - filled] = 0
+                out[at : at + n, :, length - filled : length] = getattr(layer, name)[start:end, :, :filled]
+                at += n
+            merged.append(out)
+        mine._k, mine._v = merged
+        mine._k_length = mine._v_length = length
 
 
 def move_rows(cache: DynamicCache, rows: torch.Tensor, sources: torch.Tensor) -> None:

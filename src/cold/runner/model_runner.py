@@ -27,7 +27,7 @@ from cold.lora.layer import RowLoRALinear, install_adapters, uninstall_adapters
 from cold.lora.routing import RowSelection
 from cold.runner.attention import NAME as GROUPED_ATTENTION
 from cold.runner.attention import use_grouped_attention
-from cold.runner.kvcache import catch_up_cache, clear_rows, move_rows, new_cache
+from cold.runner.kvcache import catch_up_cache, clear_rows, merge_caches, move_rows, new_cache
 from cold.runner.llama_step import LeanDecoder, should_pack
 from cold.runner.llama_step import supports as lean_supported
 from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
@@ -209,26 +209,25 @@ class ModelRunner:
         if state.sliding or other.sliding:
             raise ColdError("joining a running batch needs a model without sliding-window caches")
         length = max(state.mask.length, other.mask.length)
-        bounds = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        (s1, p1, r1), (s2, p2, r2) = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        # (state 0 or 1, first row, end row): [expert, expert, co-batched, co-batched, lagging, lagging]
+        pieces = [(0, 0, s1), (1, 0, s2), (0, s1, p1), (1, s2, p2), (0, p1, r1), (1, p2, r2)]
 
         def in_order(mine, theirs) -> list:
-            """Both states' rows as [expert, expert, co-batched, co-batched, lagging, lagging] slices."""
-            (s1, p1, r1), (s2, p2, r2) = bounds
-            return [mine[:s1], theirs[:s2], mine[s1:p1], theirs[s2:p2], mine[p1:r1], theirs[p2:r2]]
+            both = (mine, theirs)
+            return [both[which][start:end] for which, start, end in pieces]
 
         def rows_in_order(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
             return torch.cat(in_order(mine, theirs))
 
-        for mine, theirs in zip(state.cache.layers, other.cache.layers):
-            mine.keys = rows_in_order(_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2))
-            mine.values = rows_in_order(_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2))
+        merge_caches(state.cache, other.cache, pieces, length)
         offset = len(state.layout.expert_row)
         theirs = [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.layout.rows]
         ordered = [spec for part in in_order(state.layout.rows, theirs) for spec in part]
-        (_, p1, _), (s2, p2, _) = bounds
         return BatchState(
             layout=RowLayout.build(ordered, offset + s2, self.device), cache=state.cache,
-            mask=GrowingMask(rows_in_order(state.mask.left_padded(length), other.mask.left_padded(length))),
+            mask=GrowingMask(rows_in_order(state.mask.left_padded(length), other.mask.left_padded(length)),
+                             length + max(state.mask.spare, other.mask.spare)),
             positions=rows_in_order(state.positions, other.positions), hidden=rows_in_order(state.hidden, other.hidden),
             amateur=state.amateur.merged(other.amateur), active=p1 + p2,
         )
@@ -250,7 +249,7 @@ class ModelRunner:
         if start > 0 and not state.sliding:
             state.mask.drop_leading(start)
             for layer in state.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.drop_leading(start)
         return state
 
     def _first_used_column(self, state: BatchState) -> int:
@@ -400,15 +399,6 @@ def _plain_head(model) -> bool:
     """Whether the output layer is a plain matrix (no LoRA, no bias): then only masked-in columns are computed."""
     head = model.get_output_embeddings()
     return not isinstance(head, RowLoRALinear) and getattr(head, "bias", None) is None
-
-
-def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _kv_dtype(kv_dtype: str | torch.dtype | None, model) -> torch.dtype | None:

@@ -39,6 +39,11 @@ class GrowingMask:
     def rows(self) -> int:
         return self._buffer.shape[0]
 
+    @property
+    def spare(self) -> int:
+        """Columns the buffer holds beyond the filled ones."""
+        return self._buffer.shape[1] - self.length
+
     def append(self, real_rows: int | None = None) -> None:
         """Add one column: a real token in the first `real_rows` rows (None: all), a hole in the rest."""
         if self.length == self._buffer.shape[1]:
