@@ -58,7 +58,7 @@ def test_rows_leaving_keep_the_room_and_the_rest_decodes_as_before(tiny, adapter
         if step == 3:
             capacity = batch.cache.layers[0]._k.shape[2]
             batch.drop([1])
-            assert batch.cache.layers[0]._k.shape[2] == capacity and batch.cache.layers[0]._k.shape[0] == 2 * 2
+            assert batch.cache.layers[0]._k.shape[2] == capacity and batch.cache.layers[0].keys.shape[0] == 2 * 2
     assert out[0] == alone[0] and out[2] == alone[2]
 
 
@@ -87,6 +87,23 @@ def test_a_join_and_the_trim_after_a_leave_keep_room_for_the_rest_of_the_run(tin
             assert 0 not in batch.keys and batch.cache.layers[0].keys.shape[2] < 7 + 10
     assert regrown == []
     assert [out[k] for k in range(3)] == alone
+
+
+def test_continuous_batching_keeps_the_cache_bounded(tiny, adapter):
+    """Sequences joining as others finish, many times over: the buffers never hold more rows than
+    the batch has had at once, nor more columns than a history plus two generations."""
+    engine = Engine(tiny, [adapter])
+    new = 6
+    requests = engine.make_requests(PROMPTS * 7, None, False, dict(decoder="cold", max_new_tokens=new, ignore_eos=True))
+    batch, joined, size = RunningBatch(engine.runner), 0, 3
+    while joined < len(requests) or batch:
+        free = min(size - len(batch), len(requests) - joined)
+        if free:
+            batch.join(requests[joined : joined + free], list(range(joined, joined + free)))
+            joined += free
+        layer = batch.cache.layers[0]
+        assert layer.row_capacity <= 2 * size and layer._k.shape[2] <= max(map(len, PROMPTS)) + new + 2 * new
+        batch.step()
 
 
 def test_prefill_in_chunks_of_columns_gives_the_same_tokens(tiny, adapter, monkeypatch):

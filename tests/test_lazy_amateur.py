@@ -132,6 +132,51 @@ def test_joining_and_leaving_mid_run_with_lagging_amateurs(engines, catch_ups, k
         assert ids[key] == expected, (k, key, decoder, alpha)
 
 
+@pytest.mark.parametrize("k", POLICIES)
+def test_joiners_take_the_rows_that_leavers_vacated(engines, k):
+    """A join that needs more rows than are spare reallocates the cache, with room to spare; a
+    sequence that joins after others left is then written into their vacated rows, moving as few
+    rows as possible (the buffers stay the same). Every sequence decodes what it decodes alone."""
+    plan = [(PROMPTS[0], "cold"), (PROMPTS[1], "expert"), (PROMPTS[1], "cold"), (PROMPTS[2], "cold"),
+            (PROMPTS[2], "cold"), (PROMPTS[2], "cold")]
+    engine = engines[k]
+    requests = [engine.make_request(p, DecodeParams(decoder=d, max_new_tokens=NEW), chat=True) for p, d in plan]
+    batch = RunningBatch(engine.runner)
+    ids = {key: [] for key in range(len(plan))}
+
+    def storage():
+        return batch.cache.layers[0]._k.untyped_storage().data_ptr()
+
+    batch.join(requests[:3], [0, 1, 2])  # 3 expert rows + 2 amateur rows
+    for step in range(NEW + 6):
+        if step == 1:
+            before = storage()
+            batch.join(requests[3:4], [3])  # no spare rows: reallocated
+            assert storage() != before
+            buffers = storage()
+        if step == 3:
+            batch.drop([0])  # a CoLD sequence leaves two rows spare
+        if step == 4:
+            batch.join(requests[4:5], [4])  # a CoLD sequence with a shorter prompt takes them
+            assert storage() == buffers
+        if step == 5:
+            batch.drop([1])  # one row spare
+        if step == 6:
+            batch.join(requests[5:], [5])  # needs two: reallocated
+            assert storage() != buffers
+        if not batch:
+            break
+        for key, event in batch.step():
+            ids[key] += event.token_ids
+    while batch:
+        for key, event in batch.step():
+            ids[key] += event.token_ids
+    reference = engines[ALWAYS]
+    for key, (prompt, decoder) in enumerate(plan):
+        alone = reference.generate(prompt, decoder=decoder, max_new_tokens=NEW, chat=True)[0].token_ids
+        assert ids[key] == (alone[: len(ids[key])] if key in (0, 1) else alone), (k, key, decoder)
+
+
 # ---- the bookkeeping alone -----------------------------------------------------------------------
 
 

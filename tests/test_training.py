@@ -32,7 +32,6 @@ def test_train_a_tiny_adapter_end_to_end(tiny_dir, tmp_path):
 def test_every_demo_adapter_is_shipped_fits_its_model_and_has_a_model_card(smollm2):
     from cold.load.adapters import check_adapter_fits, read_adapter
     from cold.load.demo import DEMO_ADAPTERS, demo_adapter_dir
-
     from cold.lora.layer import RowLoRALinear
 
     # the base layers, also where an engine of an earlier test put its LoRA layers on the shared model

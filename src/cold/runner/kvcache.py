@@ -16,12 +16,17 @@ when written, and attention (`cold.runner.attention`, `cold.runner.llama_step`) 
 cache's dtype.
 
 A forward over the first P rows only (the lazy amateur's decode step: lagging amateur rows come
-last and are skipped) writes and attends to those rows' buffers, views again, no copies. A
+last and are skipped) writes and attends to those rows' buffers, views again, no copies. When
+sequences leave, the rows that stay keep their place where they can and the buffers keep the
+vacated rows as spare ones (`live_rows`), which a joining sequence's rows then take
+(`write_rows`): leaving and joining copy the rows that move, not the whole cache. A
 lagging row catches up through `catch_up_cache`: for one forward, a window over some rows whose
 new columns overwrite the columns that row skipped.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -64,23 +69,29 @@ class GrowingLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._k_length = self._v_length = 0  # equal except between the two assignments below
+        self.live_rows: int | None = None  # rows in use, the first ones (None: all of the buffers')
 
     # Whoever reassigns `keys` and `values` (merging, trimming) sets both.
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self._k_length]
+        return None if self._k is None else self._k[: self.live_rows, :, : self._k_length]
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self._k, self._k_length = value, 0 if value is None else value.shape[-2]
+        self._k, self._k_length, self.live_rows = value, 0 if value is None else value.shape[-2], None
 
     @property
     def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self._v_length]
+        return None if self._v is None else self._v[: self.live_rows, :, : self._v_length]
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        self._v, self._v_length = value, 0 if value is None else value.shape[-2]
+        self._v, self._v_length, self.live_rows = value, 0 if value is None else value.shape[-2], None
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the buffers hold, those in use and the spare ones."""
+        return 0 if self._k is None else self._k.shape[0]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -138,15 +149,30 @@ class GrowingLayer(DynamicLayer):
         """Keep the rows `indices` (in that order), and the spare room."""
         if self._k is not None and self._k_length > 0:
             self._k, self._v = self._rows(self._k, indices), self._rows(self._v, indices)
+            self.live_rows = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def _rows(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Rows `indices` of a buffer, in a fresh buffer of the same capacity (only the filled part copied)."""
+        """Rows `indices` of a buffer, in a fresh buffer of the same capacity (only the filled part
+        copied, a run of consecutive rows at a time: rows leaving a batch leave long runs)."""
         out = buffer.new_empty((len(indices), *buffer.shape[1:]))
-        out[:, :, : self._k_length] = buffer[indices.to(buffer.device), :, : self._k_length]
+        filled = self._k_length
+        for at, start, count in _runs(indices.tolist()):
+            out[at : at + count, :, :filled] = buffer[start : start + count, :, :filled]
         return out
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """(position, first index, count) of each run of consecutive values in `indices`."""
+    runs: list[tuple[int, int, int]] = []
+    for position, index in enumerate(indices):
+        if runs and runs[-1][1] + runs[-1][2] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, index, 1))
+    return runs
 
 
 def new_cache(config, dtype: torch.dtype | None = None, reserve: int = 0, rows: int | None = None) -> DynamicCache:
@@ -193,16 +219,16 @@ def catch_up_cache(cache: DynamicCache, rows: torch.Tensor, start: int, write: t
     return window
 
 
-def merge_caches(first: DynamicCache, second: DynamicCache, pieces: list[tuple[int, int, int]], length: int) -> None:
+def merge_caches(first: DynamicCache, second: DynamicCache, pieces: list[tuple[int, int, int]], length: int,
+                 spare: int) -> None:
     """`first` takes both caches' rows in the order of `pieces` ((0 or 1, start, end): rows
     start..end of `first` or of `second`), each row left-padded with zeros to `length` filled
-    columns. Each row is copied once, into buffers with as much spare room as the roomier cache
-    had, so the steps after a merge append in place."""
+    columns. Each row is copied once, into buffers with `spare` columns of room beyond them."""
     for mine, theirs in zip(first.layers, second.layers):
         layers = (mine, theirs)
         rows = sum(end - start for _, start, end in pieces)
         _, heads, _, dim = mine._k.shape
-        capacity = length + max(mine.spare, theirs.spare)
+        capacity = length + spare
         merged = []
         for name in ("_k", "_v"):
             out = mine._k.new_empty(rows, heads, capacity, dim)
@@ -216,6 +242,30 @@ def merge_caches(first: DynamicCache, second: DynamicCache, pieces: list[tuple[i
             merged.append(out)
         mine._k, mine._v = merged
         mine._k_length = mine._v_length = length
+        mine.live_rows = None
+
+
+def write_rows(cache: DynamicCache, rows: Sequence[int], sources: Sequence[int], other: DynamicCache) -> None:
+    """Row rows[i] of `cache` takes row sources[i] of `other`, right-aligned to `cache`'s filled
+    columns (at least as many as `other`'s) and zero before: a joining sequence's prompt, written
+    into spare or vacated rows."""
+    for mine, theirs in zip(cache.layers, other.layers):
+        length, filled = mine._k_length, theirs._k_length
+        target, source = torch.tensor(rows), torch.tensor(sources)
+        for buffer, new in ((mine._k, theirs._k), (mine._v, theirs._v)):
+            buffer[target, :, : length - filled] = 0
+            buffer[target, :, length - filled : length] = new[source, :, :filled]
+
+
+def in_place(cache: DynamicCache) -> bool:
+    """Whether every layer appends in place (`GrowingLayer`): then rows can move and join within its buffers."""
+    return all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+
+
+def set_live_rows(cache: DynamicCache, rows: int) -> None:
+    """The first `rows` rows of every layer's buffers are in use (the rest are spare)."""
+    for layer in cache.layers:
+        layer.live_rows = rows
 
 
 def move_rows(cache: DynamicCache, rows: torch.Tensor, sources: torch.Tensor) -> None:

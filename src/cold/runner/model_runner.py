@@ -27,10 +27,19 @@ from cold.lora.layer import RowLoRALinear, install_adapters, uninstall_adapters
 from cold.lora.routing import RowSelection
 from cold.runner.attention import NAME as GROUPED_ATTENTION
 from cold.runner.attention import use_grouped_attention
-from cold.runner.kvcache import catch_up_cache, clear_rows, merge_caches, move_rows, new_cache
+from cold.runner.kvcache import (
+    catch_up_cache,
+    clear_rows,
+    in_place,
+    merge_caches,
+    move_rows,
+    new_cache,
+    set_live_rows,
+    write_rows,
+)
 from cold.runner.llama_step import LeanDecoder, should_pack
 from cold.runner.llama_step import supports as lean_supported
-from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad
+from cold.runner.rows import AMATEUR, RowLayout, RowSpec, left_pad, placed
 from cold.runner.state import BatchState, GrowingMask
 from cold.sampling import scoring
 from cold.sampling.amateur import ALWAYS, AmateurLag, NeedShare
@@ -184,7 +193,8 @@ class ModelRunner:
             end = min(start + chunk, length)
             hidden = self.forward(head, ids[:active, start:end], mask[:active, :end], positions[:active, start:end], cache)
         hidden = torch.cat([hidden, hidden.new_zeros(rows - active, hidden.shape[1])])
-        return BatchState(layout, cache, GrowingMask(mask, reserve), positions[:, -1] + 1, hidden, lag, active)
+        return BatchState(layout, cache, GrowingMask(mask, reserve), positions[:, -1] + 1, hidden, lag, active,
+                          room=reserve - length)
 
     def step(self, state: BatchState, tokens: torch.Tensor) -> None:
         """Feed each sequence's token (tokens [S]) to its expert row and, where its amateur runs
@@ -199,6 +209,7 @@ class ModelRunner:
                               state.positions[:active, None], state.cache)
         state.hidden = hidden if active == rows else torch.cat([hidden, state.hidden[active:]])
         state.positions = state.positions + 1
+        state.room = max(state.room - 1, 0)
         if state.amateur.lazy:
             state.amateur.fed(tokens.tolist())
 
@@ -208,8 +219,11 @@ class ModelRunner:
         rows are both states' expert rows, then their co-batched amateur rows, then the lagging ones."""
         if state.sliding or other.sliding:
             raise ColdError("joining a running batch needs a model without sliding-window caches")
-        length = max(state.mask.length, other.mask.length)
         (s1, p1, r1), (s2, p2, r2) = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        if (in_place(state.cache) and state.cache.layers[0].row_capacity >= r1 + r2
+                and other.mask.length <= state.mask.length and other.room <= state.cache.layers[0].spare):
+            return self._merge_in_place(state, other)
+        length = max(state.mask.length, other.mask.length)
         # (state 0 or 1, first row, end row): [expert, expert, co-batched, co-batched, lagging, lagging]
         pieces = [(0, 0, s1), (1, 0, s2), (0, s1, p1), (1, s2, p2), (0, p1, r1), (1, p2, r2)]
 
@@ -220,16 +234,44 @@ class ModelRunner:
         def rows_in_order(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
             return torch.cat(in_order(mine, theirs))
 
-        merge_caches(state.cache, other.cache, pieces, length)
+        # room for every row's generation, and for one more joiner's: later sequences join in place
+        room = max(state.room, other.room)
+        merge_caches(state.cache, other.cache, pieces, length, room + other.room)
         offset = len(state.layout.expert_row)
         theirs = [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.layout.rows]
         ordered = [spec for part in in_order(state.layout.rows, theirs) for spec in part]
         return BatchState(
             layout=RowLayout.build(ordered, offset + s2, self.device), cache=state.cache,
             mask=GrowingMask(rows_in_order(state.mask.left_padded(length), other.mask.left_padded(length)),
-                             length + max(state.mask.spare, other.mask.spare)),
+                             length + room + other.room),
             positions=rows_in_order(state.positions, other.positions), hidden=rows_in_order(state.hidden, other.hidden),
-            amateur=state.amateur.merged(other.amateur), active=p1 + p2,
+            amateur=state.amateur.merged(other.amateur), active=p1 + p2, room=room,
+        )
+
+    def _merge_in_place(self, state: BatchState, other: BatchState) -> BatchState:
+        """`merge` where `state`'s buffers have spare rows for `other`'s, and room for its columns:
+        `other`'s rows are written into them, and of `state`'s rows only those that the longer
+        regions push out of place are moved (the layout's order, as `merge`'s, by region)."""
+        (s1, p1, r1), (s2, p2, r2) = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        mine, theirs = range(r1), range(r1, r1 + r2)  # members: a row of `state`, or r1 + a row of `other`
+        regions = [[*mine[:s1], *theirs[:s2]], [*mine[s1:p1], *theirs[s2:p2]], [*mine[p1:], *theirs[p2:]]]
+        order = placed(regions, {row: row for row in mine})  # [R] the member of each row
+        moved = [(new, old) for new, old in enumerate(order) if old < r1 and new != old]
+        if moved:
+            move_rows(state.cache, *(torch.tensor(side, device=self.device) for side in zip(*moved)))
+        write_rows(state.cache, *zip(*[(new, member - r1) for new, member in enumerate(order) if member >= r1]), other.cache)
+        set_live_rows(state.cache, r1 + r2)
+        members = torch.tensor(order, device=self.device)
+        length, room = state.mask.length, max(state.room, other.room)
+        offset = len(state.layout.expert_row)
+        specs = state.layout.rows + [RowSpec(r.seq + offset, r.role, r.adapter, r.scale) for r in other.layout.rows]
+        return BatchState(
+            layout=RowLayout.build([specs[m] for m in order], offset + s2, self.device), cache=state.cache,
+            mask=GrowingMask(torch.cat([state.mask.view, other.mask.left_padded(length)])[members],
+                             length + state.mask.spare),
+            positions=torch.cat([state.positions, other.positions])[members],
+            hidden=torch.cat([state.hidden, other.hidden])[members],
+            amateur=state.amateur.merged(other.amateur), active=p1 + p2, room=room,
         )
 
     def keep(self, state: BatchState, kept_seqs: list[int]) -> BatchState | None:
@@ -239,11 +281,26 @@ class ModelRunner:
         self.need_share.record([lag.needed[s] for s in range(len(lag)) if s not in kept and lag.contrastive[s] and lag.steps[s]])
         if not kept_seqs:
             return None
-        layout, old_rows = state.layout.keep(kept_seqs, self.device)
-        state.active = int((old_rows < state.active).sum())  # the kept rows keep their order
-        state.cache.batch_select_indices(old_rows)
-        state.mask.select(old_rows)
-        state.layout, state.positions, state.hidden = layout, state.positions[old_rows], state.hidden[old_rows]
+        renumber = {old: new for new, old in enumerate(kept_seqs)}
+        rows = state.layout.rows
+        regions = [[], [], []]  # the kept expert, co-batched amateur and lagging amateur rows
+        for index, row in enumerate(rows):
+            if row.seq in renumber:
+                regions[0 if row.role != AMATEUR else 1 if index < state.active else 2].append(index)
+        order = placed(regions, {index: index for index in range(len(rows))})  # [R'] old row of each new row
+        kept_rows = torch.tensor(order, device=self.device)
+        if in_place(state.cache):  # only the rows that move are copied; the vacated ones stay as spare rows
+            moved = [(new, old) for new, old in enumerate(order) if new != old]
+            if moved:
+                move_rows(state.cache, *(torch.tensor(side, device=self.device) for side in zip(*moved)))
+            set_live_rows(state.cache, len(order))
+        else:
+            state.cache.batch_select_indices(kept_rows)
+        specs = [RowSpec(renumber[rows[i].seq], rows[i].role, rows[i].adapter, rows[i].scale) for i in order]
+        state.layout = RowLayout.build(specs, len(kept_seqs), self.device)
+        state.active = len(regions[0]) + len(regions[1])
+        state.mask.select(kept_rows)
+        state.positions, state.hidden = state.positions[kept_rows], state.hidden[kept_rows]
         state.amateur = state.amateur.kept(kept_seqs)
         start = self._first_used_column(state)
         if start > 0 and not state.sliding:

@@ -1,8 +1,9 @@
 """Batch layout: which model rows belong to which sequence, and left-padded prefill inputs.
 
 A CoLD sequence owns two rows of the model batch, an expert row and an amateur row; an
-`expert` or `base` sequence owns one. Rows are laid out as all expert rows (one per sequence,
-in sequence order) followed by the amateur rows of the contrastive sequences, so the adapted
+`expert` or `base` sequence owns one. Rows are laid out as all expert rows (one per sequence;
+in sequence order at prefill, in any order once sequences have left and joined: `expert_row`
+says where) followed by the amateur rows of the contrastive sequences, so the adapted
 rows form one run that the LoRA layers can restrict themselves to (the runner keeps the amateur
 rows that run at every step before the lagging ones, `cold.runner.state`). Every tensor a step needs
 is built here once per layout, not per step.
@@ -107,6 +108,28 @@ class RowLayout:
         """Each row becomes `times` consecutive rows; sequence s becomes sequences s*times + b (beams)."""
         rows = [RowSpec(r.seq * times + b, r.role, r.adapter, r.scale) for r in self.rows for b in range(times)]
         return RowLayout.build(rows, len(self.expert_row) * times, device)
+
+
+def placed(regions: list[list], current: dict) -> list:
+    """A row order for consecutive regions that moves as few rows as possible: `regions[g]` are the
+    members of region g (any hashable; the regions lie back to back in this order), `current` the
+    row each member holds now (none for a new member). A member whose current row falls inside
+    its region's new rows keeps it; the others take the region's free rows, in order. Returns
+    the member of each new row."""
+    order, start = [], 0
+    for members in regions:
+        slots = [None] * len(members)
+        movers = []
+        for member in members:
+            offset = current.get(member, -1) - start
+            if 0 <= offset < len(members) and slots[offset] is None:
+                slots[offset] = member
+            else:
+                movers.append(member)
+        pending = iter(movers)
+        order += [member if member is not None else next(pending) for member in slots]
+        start += len(members)
+    return order
 
 
 def row_specs(requests) -> list[RowSpec]:

@@ -89,6 +89,7 @@ class BatchState:
     hidden: torch.Tensor  # [R, H] last hidden state of each row, not yet scored (stale in lagging rows)
     amateur: AmateurLag  # per sequence: which amateurs lag, their pending tokens, how often they were needed
     active: int  # rows a decode step forwards: the expert rows and the co-batched amateur rows
+    room: int = 0  # columns some row may still append: the longest remaining generation
 
     @property
     def attention_mask(self) -> torch.Tensor:
