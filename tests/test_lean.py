@@ -9,7 +9,6 @@ from cold.decoding.engine import Engine
 from cold.load.adapters import read_adapter
 from cold.load.demo import demo_adapter_dir
 from cold.load.models import BaseModel, load_base
-from cold.runner.attention import EAGER_POSITIONS, decode_attention
 from conftest import make_lora, prefill
 
 DECODERS = ("base", "expert", "cold")
@@ -143,23 +142,4 @@ def test_lean_greedy_tokens_equal_reference_on_the_default_model(smollm2, decode
     lean, reference = _both(smollm2, [adapter], lambda engine: _tokens(engine, prompts, chat=True, **params))
     assert lean == reference
 
-
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [1, 8])
-def test_decode_attention_equals_sdpa_over_a_growing_cache(dtype, tolerance, rows):
-    """A decode token's attention over keys and values that are views of a buffer with spare
-    columns, some columns masked (left padding): the two-matmul form that many rows take equals
-    SDPA's, which few rows keep."""
-    generator = torch.Generator().manual_seed(0)
-    length, capacity = 200, 260
-    query = torch.randn(rows, 3, 3, 64, generator=generator).to(dtype)  # [R, Hkv, G, D]
-    keys, values = (torch.randn(rows, 3, capacity, 64, generator=generator).to(dtype)[:, :, :length] for _ in range(2))
-    mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
-    mask[0, :, :, :70] = False
-    assert (rows * length >= EAGER_POSITIONS) == (rows > 1)
-    expected = torch.nn.functional.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask,
-                                                                scale=0.125)
-    got = decode_attention(query, keys, values, mask, 0.125)
-    assert got.dtype == dtype and got.shape == query.shape
-    assert torch.allclose(got.float(), expected, atol=tolerance, rtol=0)
 

@@ -12,33 +12,11 @@ Attention runs in the dtype of the keys: a bfloat16 KV cache under a float32 mod
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "cold_sdpa"
-EAGER_POSITIONS = 1024  # rows x key columns from which a decode token's attention is computed as two matmuls
-
-
-def decode_attention(query, key, value, mask=None, scale=None):
-    """One decode token's attention, a KV head's query heads folded into the query axis:
-    query [R, Hkv, G, D]; key, value [R, Hkv, L, D]; mask bool [R, 1, 1, L] (True = attend) or
-    None. Returns [R, Hkv, G, D].
-
-    From EAGER_POSITIONS rows x columns on, as two batched matmuls around a float32 softmax (the
-    scores rounded to the keys' dtype first, as transformers' eager attention does): on the CPU
-    that is about twice as fast as SDPA's kernel over 16-32 rows, which splits a one-token query
-    into tiles (bench/README.md); below it, SDPA, which is faster for a row or two."""
-    if query.shape[0] * key.shape[-2] < EAGER_POSITIONS:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if key.dtype != torch.float32:  # oneDNN's narrow-float product is several times slower on a strided transposed operand
-        key = key.contiguous()
-    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)  # [R, Hkv, G, L]
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -53,10 +31,11 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     causal = q_len > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    if q_len == 1 and kv_heads != q_heads and not dropout:
+    if q_len == 1 and kv_heads != q_heads:
         group = q_heads // kv_heads
         folded = query.view(batch, kv_heads, group, dim)  # the group's heads act as query positions
-        out = decode_attention(folded, key, value, attention_mask, scaling).view(batch, q_heads, 1, dim)
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        out = out.view(batch, q_heads, 1, dim)
     else:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,

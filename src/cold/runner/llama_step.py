@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cold.lora.layer import RowLoRALinear, RowSelection
-from cold.runner.attention import decode_attention
 
 
 def supports(model) -> bool:
@@ -222,7 +221,7 @@ class LeanDecoder(nn.Module):
             value = qkv[:, qk_width:].reshape(rows_n, kv, 1, dim)
             keys, values = cache.layers[index].update(qk[:, heads:, None], value)  # [R, Hkv, L, D]
             query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
-            attn = decode_attention(query.to(keys.dtype), keys, values, mask, self.scaling)
+            attn = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scaling)
             attn = attn.reshape(rows_n, heads * dim).to(x.dtype)  # the cache's dtype may be narrower
             x = layer.o.add_to(x, attn)  # residual + o_proj
             if lora and layer.lora_o:
