@@ -110,20 +110,8 @@ def test_joining_and_leaving_mid_run_with_lagging_amateurs(engines, catch_ups, k
     batch = RunningBatch(engine.runner)
     ids = {key: [] for key in range(len(plan))}
     batch.join(requests[:2], [0, 1])
-    for step in range(NEW + 2):
-        if step == 3:
-            batch.join(requests[2:4], [2, 3])
-        if step == 7:
-            batch.join(requests[4:], [4])
-        if step == 9:
-            batch.drop([2])
-        if not batch:
-            break
-        for key, event in batch.step():
-            ids[key] += event.token_ids
-    while batch:
-        for key, event in batch.step():
-            ids[key] += event.token_ids
+    _decode_with(batch, ids, {3: lambda: batch.join(requests[2:4], [2, 3]), 7: lambda: batch.join(requests[4:], [4]),
+                              9: lambda: batch.drop([2])})
     assert catch_ups
     reference = engines[ALWAYS]
     for key, (decoder, alpha) in enumerate(plan):
@@ -147,34 +135,41 @@ def test_joiners_take_the_rows_that_leavers_vacated(engines, k):
     def storage():
         return batch.cache.layers[0]._k.untyped_storage().data_ptr()
 
+    def join(first: int, last: int, reallocates: bool):
+        before = storage()
+        batch.join(requests[first:last], list(range(first, last)))
+        assert (storage() != before) == reallocates
+
+    def drop(key: int):
+        before = storage()
+        batch.drop([key])
+        assert storage() == before
+
     batch.join(requests[:3], [0, 1, 2])  # 3 expert rows + 2 amateur rows
-    for step in range(NEW + 6):
-        if step == 1:
-            before = storage()
-            batch.join(requests[3:4], [3])  # no spare rows: reallocated
-            assert storage() != before
-            buffers = storage()
-        if step == 3:
-            batch.drop([0])  # a CoLD sequence leaves two rows spare
-        if step == 4:
-            batch.join(requests[4:5], [4])  # a CoLD sequence with a shorter prompt takes them
-            assert storage() == buffers
-        if step == 5:
-            batch.drop([1])  # one row spare
-        if step == 6:
-            batch.join(requests[5:], [5])  # needs two: reallocated
-            assert storage() != buffers
-        if not batch:
-            break
-        for key, event in batch.step():
-            ids[key] += event.token_ids
-    while batch:
-        for key, event in batch.step():
-            ids[key] += event.token_ids
+    _decode_with(batch, ids, {
+        1: lambda: join(3, 4, True),  # no spare rows: reallocated
+        3: lambda: drop(0),  # a CoLD sequence leaves two rows spare
+        4: lambda: join(4, 5, False),  # a CoLD sequence with a shorter prompt takes them
+        5: lambda: drop(1),  # one row spare
+        6: lambda: join(5, 6, True),  # needs two: reallocated
+    })
     reference = engines[ALWAYS]
     for key, (prompt, decoder) in enumerate(plan):
         alone = reference.generate(prompt, decoder=decoder, max_new_tokens=NEW, chat=True)[0].token_ids
         assert ids[key] == (alone[: len(ids[key])] if key in (0, 1) else alone), (k, key, decoder)
+
+
+def _decode_with(batch: RunningBatch, ids: dict, actions: dict) -> None:
+    """Step `batch` until it is empty and every action has run, adding each sequence's tokens to
+    ids[key]; actions[i]() runs before step i (a join, a drop)."""
+    step = 0
+    while batch or step <= max(actions):
+        if step in actions:
+            actions[step]()
+        if batch:
+            for key, event in batch.step():
+                ids[key] += event.token_ids
+        step += 1
 
 
 # ---- the bookkeeping alone -----------------------------------------------------------------------
