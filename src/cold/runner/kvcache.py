@@ -155,24 +155,10 @@ class GrowingLayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def _rows(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Rows `indices` of a buffer, in a fresh buffer of the same capacity (only the filled part
-        copied, a run of consecutive rows at a time: rows leaving a batch leave long runs)."""
+        """Rows `indices` of a buffer, in a fresh buffer of the same capacity (only the filled part copied)."""
         out = buffer.new_empty((len(indices), *buffer.shape[1:]))
-        filled = self._k_length
-        for at, start, count in _runs(indices.tolist()):
-            out[at : at + count, :, :filled] = buffer[start : start + count, :, :filled]
+        out[:, :, : self._k_length] = buffer[indices.to(buffer.device), :, : self._k_length]
         return out
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
-    """(position, first index, count) of each run of consecutive values in `indices`."""
-    runs: list[tuple[int, int, int]] = []
-    for position, index in enumerate(indices):
-        if runs and runs[-1][1] + runs[-1][2] == index:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((position, index, 1))
-    return runs
 
 
 def new_cache(config, dtype: torch.dtype | None = None, reserve: int = 0, rows: int | None = None) -> DynamicCache:
@@ -251,7 +237,7 @@ def write_rows(cache: DynamicCache, rows: Sequence[int], sources: Sequence[int],
     into spare or vacated rows."""
     for mine, theirs in zip(cache.layers, other.layers):
         length, filled = mine._k_length, theirs._k_length
-        target, source = torch.tensor(rows), torch.tensor(sources)
+        target, source = (torch.tensor(side, device=mine._k.device) for side in (rows, sources))
         for buffer, new in ((mine._k, theirs._k), (mine._v, theirs._v)):
             buffer[target, :, : length - filled] = 0
             buffer[target, :, length - filled : length] = new[source, :, :filled]

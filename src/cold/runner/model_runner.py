@@ -219,10 +219,11 @@ class ModelRunner:
         rows are both states' expert rows, then their co-batched amateur rows, then the lagging ones."""
         if state.sliding or other.sliding:
             raise ColdError("joining a running batch needs a model without sliding-window caches")
-        (s1, p1, r1), (s2, p2, r2) = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        bounds = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]  # (S, active, R) each
+        (s1, p1, r1), (s2, p2, r2) = bounds
         if (in_place(state.cache) and state.cache.layers[0].row_capacity >= r1 + r2
                 and other.mask.length <= state.mask.length and other.room <= state.cache.layers[0].spare):
-            return self._merge_in_place(state, other)
+            return self._merge_in_place(state, other, bounds)
         length = max(state.mask.length, other.mask.length)
         # (state 0 or 1, first row, end row): [expert, expert, co-batched, co-batched, lagging, lagging]
         pieces = [(0, 0, s1), (1, 0, s2), (0, s1, p1), (1, s2, p2), (0, p1, r1), (1, p2, r2)]
@@ -248,17 +249,15 @@ class ModelRunner:
             amateur=state.amateur.merged(other.amateur), active=p1 + p2, room=room,
         )
 
-    def _merge_in_place(self, state: BatchState, other: BatchState) -> BatchState:
+    def _merge_in_place(self, state: BatchState, other: BatchState, bounds: list[tuple[int, int, int]]) -> BatchState:
         """`merge` where `state`'s buffers have spare rows for `other`'s, and room for its columns:
         `other`'s rows are written into them, and of `state`'s rows only those that the longer
         regions push out of place are moved (the layout's order, as `merge`'s, by region)."""
-        (s1, p1, r1), (s2, p2, r2) = [(len(s.layout.expert_row), s.active, s.mask.rows) for s in (state, other)]
+        (s1, p1, r1), (s2, p2, r2) = bounds
         mine, theirs = range(r1), range(r1, r1 + r2)  # members: a row of `state`, or r1 + a row of `other`
         regions = [[*mine[:s1], *theirs[:s2]], [*mine[s1:p1], *theirs[s2:p2]], [*mine[p1:], *theirs[p2:]]]
         order = placed(regions, {row: row for row in mine})  # [R] the member of each row
-        moved = [(new, old) for new, old in enumerate(order) if old < r1 and new != old]
-        if moved:
-            move_rows(state.cache, *(torch.tensor(side, device=self.device) for side in zip(*moved)))
+        self._move_to(state.cache, order, r1)
         write_rows(state.cache, *zip(*[(new, member - r1) for new, member in enumerate(order) if member >= r1]), other.cache)
         set_live_rows(state.cache, r1 + r2)
         members = torch.tensor(order, device=self.device)
@@ -290,9 +289,7 @@ class ModelRunner:
         order = placed(regions, {index: index for index in range(len(rows))})  # [R'] old row of each new row
         kept_rows = torch.tensor(order, device=self.device)
         if in_place(state.cache):  # only the rows that move are copied; the vacated ones stay as spare rows
-            moved = [(new, old) for new, old in enumerate(order) if new != old]
-            if moved:
-                move_rows(state.cache, *(torch.tensor(side, device=self.device) for side in zip(*moved)))
+            self._move_to(state.cache, order, len(rows))
             set_live_rows(state.cache, len(order))
         else:
             state.cache.batch_select_indices(kept_rows)
@@ -308,6 +305,13 @@ class ModelRunner:
             for layer in state.cache.layers:
                 layer.drop_leading(start)
         return state
+
+    def _move_to(self, cache, order: list[int], existing: int) -> None:
+        """Copy each of the cache's rows (the members of `order` below `existing`) to the row
+        `order` puts it in, where that is another row."""
+        moved = [(new, old) for new, old in enumerate(order) if old < existing and new != old]
+        if moved:
+            move_rows(cache, *(torch.tensor(side, device=self.device) for side in zip(*moved)))
 
     def _first_used_column(self, state: BatchState) -> int:
         """The first column that some row uses: a real token, or a hole a lagging row will fill."""
