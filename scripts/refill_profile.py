@@ -1,8 +1,8 @@
-"""Where continuous batching spends its time: the runner's calls, timed, over GSM8K chat prompts.
+"""Where continuous batching spends its time: the runner's calls, timed, over GSM8K or coin-flip chat prompts.
 
     python scripts/refill_profile.py --problems 48 --decoders expert,cold
 
-Decodes the first `--problems` GSM8K test problems with continuous batching of `--batch`
+Decodes the first `--problems` problems of `--task` with continuous batching of `--batch`
 (`cold.bench.cells.decode_refilling`, as `cold bench --e2e N --e2e-refill` does), once per
 decoder, and prints the wall time and the seconds spent in each wrapped call (prefill, step,
 merge, keep, catch-ups, the cache's row copies). Calls nest (a step's forward is also counted
@@ -19,7 +19,7 @@ import time
 import torch
 
 import cold.runner.model_runner as model_runner
-from cold.bench.cells import decode_refilling
+from cold.bench.cells import decode_refilling, peak_rss_mb
 from cold.bench.run import e2e_prompts, e2e_source
 from cold.decoding.engine import Engine
 from cold.load.adapters import read_adapter
@@ -51,6 +51,7 @@ def timed(owner, name: str, seconds: dict, calls: collections.Counter) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=48)
+    parser.add_argument("--task", default="gsm8k", choices=("gsm8k", "coin_flip"))
     parser.add_argument("--decoders", default="expert,cold")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -58,8 +59,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    questions = e2e_prompts("gsm8k", e2e_source("gsm8k", None)[1], args.problems)
-    engine = Engine(load_base("smollm2", dtype=args.dtype), [read_adapter(demo_adapter_dir("smollm2", "gsm8k"))])
+    questions = e2e_prompts(args.task, e2e_source(args.task, None)[1], args.problems)
+    engine = Engine(load_base("smollm2", dtype=args.dtype), [read_adapter(demo_adapter_dir("smollm2", args.task))])
     seconds, calls = collections.defaultdict(float), collections.Counter()
     for name in RUNNER_CALLS:
         timed(engine.runner, name, seconds, calls)
@@ -73,7 +74,8 @@ def main() -> None:
         started = time.perf_counter()
         lengths, _, _, steps = decode_refilling(engine, questions, params, args.batch)
         wall = time.perf_counter() - started
-        print(f"{decoder}: wall {wall:.1f} s, {sum(lengths)} tokens, {steps} steps, {1e3 * wall / sum(lengths):.2f} ms/token")
+        print(f"{decoder}: wall {wall:.1f} s, {sum(lengths)} tokens, {steps} steps, {1e3 * wall / sum(lengths):.2f} ms/token, "
+              f"peak RSS so far {peak_rss_mb():.0f} MB")
         for name, spent in sorted(seconds.items(), key=lambda item: -item[1]):
             print(f"  {name:14s} {spent:7.2f} s  calls {calls[name]}")
 

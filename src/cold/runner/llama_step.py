@@ -1,7 +1,8 @@
-"""The fused decode step for Llama-family models: the same arithmetic as transformers' forward in
+"""The fused forward for Llama-family models: the same arithmetic as transformers' forward in
 far fewer tensor calls.
 
-One decode step (one new token per row) runs through the transformer body directly:
+A decode step (one new token per row), and the prefill and the lazy amateur's catch-ups (a chunk
+of new tokens per row, as rows of the linear layers), run through the transformer body directly:
 
 - linear layers that share an input run as one matmul: q/k/v, and gate/up. Their base weights
   are concatenated once into one tensor and the model's own layers are given views into it, so
@@ -17,9 +18,9 @@ One decode step (one new token per row) runs through the transformer body direct
 - rotary embedding is applied to q and k in one go; attention is the same grouped SDPA call as
   the reference path (`cold.runner.attention`).
 
-It covers the common case only: a Llama-architecture model without biases, a decode step
-(one token per row), and a batch whose adapted rows all use one adapter (`RowSelection.single`).
-Everything else (prefill, several adapters in one batch, other architectures) runs the reference
+It covers the common case only: a Llama-architecture model without biases, and a batch whose
+adapted rows all use one adapter (`RowSelection.single`). Everything else (several adapters in
+one batch, other architectures, the cache-less `ModelRunner.sequence_logits`) runs the reference
 path, `LlamaModel.forward` with `RowLoRALinear` layers. `Engine(..., lean=False)` turns this off;
 the tests check both paths give the same hidden states and the same greedy tokens.
 """
@@ -199,42 +200,80 @@ class LeanDecoder(nn.Module):
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def forward(self, input_ids, attention_mask, position_ids, cache, rows: RowSelection) -> torch.Tensor:
-        """One token per row: input_ids, position_ids [R, 1]; attention_mask [R, L] (1 = real
-        token, the new one included); the cache is updated in place. Returns hidden states [R, H]
-        after the final norm, as `LlamaModel.forward(...).last_hidden_state[:, -1]`."""
+        """T new tokens per row (a decode step: T = 1; a prefill or catch-up chunk: more):
+        input_ids, position_ids [R, T]; attention_mask [R, L] (1 = real token; the new tokens are
+        its last T columns, each attending to the columns up to its own); the cache is updated in
+        place. Returns the hidden states [R, H] of each row's last new token after the final norm,
+        as `LlamaModel.forward(...).last_hidden_state[:, -1]`."""
         body, heads, kv, dim = self.body, self.q_heads, self.kv_heads, self.head_dim
-        x = body.embed_tokens(input_ids[:, 0])  # [R, H]
-        rows_n = x.shape[0]
-        cos, sin = body.rotary_emb(x[:, None], position_ids)  # [R, 1, D] each, broadcast over heads
-        mask = attention_mask[:, None, None, :].bool()  # [R, 1, 1, L]
+        rows_n, new = input_ids.shape
+        x = body.embed_tokens(input_ids)  # [R, T, H]
+        cos, sin = body.rotary_emb(x, position_ids)  # [R, T, D] each
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+        x = x.reshape(rows_n * new, -1)  # [R T, H]: the linear layers see every new token as a row
+        mask = _attention_mask(attention_mask, new)  # [R, 1, 1 or T, L]
         adapter = rows.single if rows.single is not None and rows.single >= 0 else None
         lora = adapter is not None
-        span = rows.span  # the adapted rows: only they pay for the LoRA (CoLD's amateur rows follow them)
-        scale = rows.scale[span, None].to(lora_dtype(x)) if lora else None  # [A, 1]
+        span = _token_rows(rows.span, new)  # the adapted rows' tokens: only they pay for the LoRA (CoLD's amateur rows follow them)
+        scale = None
+        if lora:
+            per_token = rows.scale if new == 1 else rows.scale.repeat_interleave(new)  # [R T]
+            scale = per_token[span, None].to(lora_dtype(x))  # [A T, 1]
         qk_width, inner = (heads + kv) * dim, self.layers[0].gate_up.weight.shape[0] // 2 if self.layers else 0
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            qkv = layer.qkv(h)  # [R, (Hq + 2 Hkv) D]
+            qkv = layer.qkv(h)  # [R T, (Hq + 2 Hkv) D]
             if lora and layer.lora_qkv:
                 layer.lora_qkv.add(qkv[span], h[span], adapter, scale)
-            qk = _rotate(qkv[:, :qk_width].reshape(rows_n, heads + kv, dim), cos, sin)  # [R, Hq + Hkv, D]
-            value = qkv[:, qk_width:].reshape(rows_n, kv, 1, dim)
-            keys, values = cache.layers[index].update(qk[:, heads:, None], value)  # [R, Hkv, L, D]
-            query = qk[:, :heads].reshape(rows_n, kv, heads // kv, dim)  # a KV head's query heads as positions
-            attn = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scaling)
-            attn = attn.reshape(rows_n, heads * dim).to(x.dtype)  # the cache's dtype may be narrower
+            qk = _rotate(qkv[:, :qk_width].reshape(rows_n, new, heads + kv, dim), cos, sin)  # [R, T, Hq + Hkv, D]
+            value = qkv[:, qk_width:].reshape(rows_n, new, kv, dim).transpose(1, 2)  # [R, Hkv, T, D]
+            keys, values = cache.layers[index].update(qk[:, :, heads:].transpose(1, 2), value)  # [R, Hkv, L, D]
+            attn = self._attend(qk[:, :, :heads], keys, values, mask).to(x.dtype)  # [R T, Hq D]; the cache's dtype may be narrower
             x = layer.o.add_to(x, attn)  # residual + o_proj
             if lora and layer.lora_o:
                 layer.lora_o.add(x[span], attn[span], adapter, scale)
             h = self._norm(x, layer.post_norm)
-            gate_up = layer.gate_up(h)  # [R, 2 I]
+            gate_up = layer.gate_up(h)  # [R T, 2 I]
             if lora and layer.lora_gate_up:
                 layer.lora_gate_up.add(gate_up[span], h[span], adapter, scale)
-            m = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]  # [R, I]
+            m = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]  # [R T, I]
             x = layer.down.add_to(x, m)  # residual + down_proj
             if lora and layer.lora_down:
                 layer.lora_down.add(x[span], m[span], adapter, scale)
-        return self._norm(x, body.norm.weight)
+        return self._norm(x.view(rows_n, new, -1)[:, -1], body.norm.weight)
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention of query [R, T, Hq, D] to keys, values [R, Hkv, L, D] under
+        mask [R, 1, 1 or T, L]; returns [R T, Hq D]. One token per row: a KV head's query heads
+        act as its query positions (no copy of the keys per query head), as `cold.runner.attention`."""
+        rows_n, new, heads, dim = query.shape
+        query = query.to(keys.dtype)
+        if new == 1:
+            folded = query.reshape(rows_n, self.kv_heads, heads // self.kv_heads, dim)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scaling)
+            return out.reshape(rows_n, heads * dim)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.kv_heads != heads)  # [R, Hq, T, D]
+        return out.transpose(1, 2).reshape(rows_n * new, heads * dim)
+
+
+def _attention_mask(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """[R, 1, 1 or T, L] bool: column j is visible to new token t where it is a real token and
+    j <= L - T + t (causal within the T new columns, the last ones); a query with nothing to
+    see gets zeros from SDPA, as in transformers' forward."""
+    visible = attention_mask[:, None, None, :].bool()
+    if new == 1:
+        return visible
+    length = attention_mask.shape[1]
+    causal = torch.ones(new, length, dtype=torch.bool, device=attention_mask.device).tril(length - new)  # [T, L]
+    return visible & causal
+
+
+def _token_rows(span: slice, new: int) -> slice:
+    """The rows of the token-flattened [R T, ...] activations that a row span covers."""
+    if new == 1:
+        return span
+    return slice(None if span.start is None else span.start * new, None if span.stop is None else span.stop * new)
 
 
 def _base(module: nn.Module) -> nn.Linear:
@@ -242,7 +281,7 @@ def _base(module: nn.Module) -> nn.Linear:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [R, heads, D] (HF's `apply_rotary_pos_emb`)."""
+    """Rotary embedding of x [R, T, heads, D], cos and sin [R, T, 1, D] (HF's `apply_rotary_pos_emb`)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 

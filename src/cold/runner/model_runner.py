@@ -119,7 +119,7 @@ class ModelRunner:
         """
         self._route(layout)
         try:
-            if self.lean is not None and input_ids.shape[1] == 1 and self.rows.single is not None:
+            if self.lean is not None and self.rows.single is not None and cache is not None:
                 return self.lean(input_ids, attention_mask, position_ids, cache, self.rows)
             out = self.model.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -424,10 +424,13 @@ class ModelRunner:
             self._catch_up(state, late)
             hidden = state.hidden
         state.amateur.observe(needs)
-        # a sequence that needs no amateur is scored against its own expert row: one finite entry either way
-        amateur_rows = torch.where(needed, layout.amateur_row[seqs], layout.expert_row[seqs])  # [C]
-        score = self._contrastive_scores(hidden[amateur_rows], layout.subset(amateur_rows) if not _plain_head(self.model) else None,
-                                         own, valid, sampler.beta, sampler.forms, sampler.schedules)
+        if any(needs.values()):  # (a lagging amateur is caught up only where it is needed)
+            # a sequence that needs no amateur is scored against its own expert row: one finite entry either way
+            amateur_rows = torch.where(needed, layout.amateur_row[seqs], layout.expert_row[seqs])  # [C]
+            score = self._contrastive_scores(hidden[amateur_rows], layout.subset(amateur_rows) if not _plain_head(self.model) else None,
+                                             own, valid, sampler.beta, sampler.forms, sampler.schedules)
+        else:  # every mask holds one token, chosen whatever the amateur says: no amateur logits at all
+            score = own.masked_fill(~valid, scoring.NEG_INF)
         if sampler.every_contrastive:
             return score
         out = expert.clone()
