@@ -108,6 +108,7 @@ def test_lean_prefill_matches_the_reference_forward(tiny, tiny_adapters, monkeyp
     """The prefill (left-padded rows, expert and amateur rows, many new tokens per row) runs
     through the lean forward too: the same hidden states and cached keys as transformers' forward."""
     monkeypatch.setattr(model_runner, "PREFILL_POSITIONS", positions)
+    monkeypatch.setattr(model_runner, "LEAN_CHUNK_TOKENS", 256)
     prompts = _prompts(len(tiny.tokenizer), lengths=(5, 17, 9))
     calls = []
     monkeypatch.setattr(LeanDecoder, "forward", _counting(LeanDecoder.forward, calls))
@@ -116,6 +117,18 @@ def test_lean_prefill_matches_the_reference_forward(tiny, tiny_adapters, monkeyp
     torch.testing.assert_close(lean_hidden, hidden, atol=1e-4, rtol=1e-4)
     for mine, theirs in zip(lean_keys, keys):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_large_prefill_chunk_runs_the_reference_forward(tiny, tiny_adapters, monkeypatch):
+    """Chunks of more than LEAN_CHUNK_TOKENS new tokens go through transformers' forward; decode steps stay lean."""
+    monkeypatch.setattr(model_runner, "LEAN_CHUNK_TOKENS", 8)
+    calls = []
+    monkeypatch.setattr(LeanDecoder, "forward", _counting(LeanDecoder.forward, calls))
+    engine = Engine(tiny, tiny_adapters[:1])
+    engine.generate(_prompts(len(tiny.tokenizer), lengths=(5, 17, 9)), decoder="cold", alpha=0.1, beta=0.5,
+                    max_new_tokens=3, ignore_eos=True)
+    assert calls and all(ids.numel() <= 8 or ids.shape[1] == 1 for ids in calls)
+    assert any(ids.shape[1] == 1 for ids in calls)
 
 
 def _counting(forward, calls: list):

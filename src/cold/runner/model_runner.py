@@ -46,6 +46,9 @@ from cold.sampling.amateur import ALWAYS, AmateurLag, NeedShare
 from cold.sampling.sampler import Sampler
 
 PREFILL_POSITIONS = 2048  # rows x prompt columns per prefill forward (more: in chunks of columns)
+# rows x new tokens up to which a chunk of several new tokens per row (a prefill, a catch-up) runs the
+# lean forward; larger chunks run transformers' forward, which multiplies many rows faster on the CPU
+LEAN_CHUNK_TOKENS = 256
 DEFAULT_COBATCH_STEPS = 16  # the lazy amateur's default policy (bench/README.md: how it was chosen)
 _INSTALLED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> weakref to the runner whose adapters it holds
 
@@ -119,7 +122,8 @@ class ModelRunner:
         """
         self._route(layout)
         try:
-            if self.lean is not None and self.rows.single is not None and cache is not None:
+            lean_sized = input_ids.shape[1] == 1 or input_ids.numel() <= LEAN_CHUNK_TOKENS
+            if self.lean is not None and self.rows.single is not None and cache is not None and lean_sized:
                 return self.lean(input_ids, attention_mask, position_ids, cache, self.rows)
             out = self.model.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
