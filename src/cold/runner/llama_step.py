@@ -1,8 +1,9 @@
 """The fused forward for Llama-family models: the same arithmetic as transformers' forward in
 far fewer tensor calls.
 
-A decode step (one new token per row), and the prefill and the lazy amateur's catch-ups (a chunk
-of new tokens per row, as rows of the linear layers), run through the transformer body directly:
+A decode step (one new token per row), and small chunks of the prefill and the lazy amateur's
+catch-ups (several new tokens per row, as rows of the linear layers; `ModelRunner.forward` sends
+chunks of more than `LEAN_CHUNK_TOKENS` to the reference path), run through the transformer body directly:
 
 - linear layers that share an input run as one matmul: q/k/v, and gate/up. Their base weights
   are concatenated once into one tensor and the model's own layers are given views into it, so
@@ -20,7 +21,7 @@ of new tokens per row, as rows of the linear layers), run through the transforme
 
 It covers the common case only: a Llama-architecture model without biases, and a batch whose
 adapted rows all use one adapter (`RowSelection.single`). Everything else (several adapters in
-one batch, other architectures, the cache-less `ModelRunner.sequence_logits`) runs the reference
+one batch, other architectures, large prefill chunks, the cache-less `ModelRunner.sequence_logits`) runs the reference
 path, `LlamaModel.forward` with `RowLoRALinear` layers. `Engine(..., lean=False)` turns this off;
 the tests check both paths give the same hidden states and the same greedy tokens.
 """
