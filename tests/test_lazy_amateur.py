@@ -89,12 +89,14 @@ def test_needed_steps_are_counted(engines):
     assert all(g.amateur_steps is None for g in _generate(engine, decoder="expert"))
 
 
-def test_an_amateur_never_needed_is_never_run(engines, catch_ups):
-    """alpha = 1 keeps only the top token: no step needs the amateur, so it is not even prefilled;
-    the tokens are the expert's own."""
+def test_an_amateur_never_needed_is_never_run(engines, catch_ups, monkeypatch):
+    """alpha = 1 keeps only the top token: no step needs the amateur, so it is not even prefilled
+    and no step computes amateur logits or contrastive scores; the tokens are the expert's own."""
     engine = engines[0]
+    scored = []
+    monkeypatch.setattr(model_runner.ModelRunner, "_contrastive_scores", lambda *args: scored.append(args))
     lazy = _generate(engine, decoder="cold", alpha=1.0)
-    assert not catch_ups
+    assert not catch_ups and not scored
     assert all(g.amateur_steps == 0 for g in lazy)
     assert [g.token_ids for g in lazy] == [g.token_ids for g in _generate(engine, decoder="expert")]
 
