@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cold.bench.cells import peak_gpu_mb, reset_peak_memory, sync
 from cold.decoding.engine import Engine
 from cold.decoding.running import RunningBatch
 from cold.load.adapters import LoraAdapter, read_adapter
@@ -54,11 +55,6 @@ def environment(device: torch.device) -> dict:
 def write(out: Path, name: str, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(data, indent=1))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- tokens against the CPU float32 run --------------------------------------------------------
@@ -148,8 +144,7 @@ def time_steps(engine: Engine, prompts: list[list[int]], decoder: str, steps: in
     """Prefill `prompts` as one running batch, then time `steps` decode steps after `warmup` (never stopping)."""
     params = DecodeParams(decoder=decoder, max_new_tokens=steps + warmup + 2, ignore_eos=True, **DECODERS[decoder])
     requests = [engine.make_request(p, params) for p in prompts]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     with torch.inference_mode():
         batch = RunningBatch(engine.runner)
         sync(device)
@@ -167,8 +162,8 @@ def time_steps(engine: Engine, prompts: list[list[int]], decoder: str, steps: in
             sync(device)
             times.append((time.perf_counter() - started) * 1e3)
         batch.drop(range(len(requests)))
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"prefill_ms": prefill_ms, "step_ms": statistics.median(times), "step_ms_all": times, "peak_mb": peak}
+    return {"prefill_ms": prefill_ms, "step_ms": statistics.median(times), "step_ms_all": times,
+            "peak_gpu_mb": peak_gpu_mb(device)}
 
 
 def step_table(engine: Engine, batches: list[list[list[int]]], device: torch.device, steps: int) -> dict:

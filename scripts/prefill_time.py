@@ -13,22 +13,18 @@ that limit), `reference` is `Engine(lean=False)`. A probe behind a lever, not a 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 
 import cold.runner.model_runner as model_runner
+from cold.bench.cells import peak_rss_mb
 from cold.decoding.engine import Engine
 from cold.decoding.running import RunningBatch
 from cold.load.adapters import read_adapter
 from cold.load.demo import demo_adapter_dir
 from cold.load.models import load_base
 from cold.params import DecodeParams
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1000, 40000, (args.rows, args.tokens), generator=gen).tolist()
     params = DecodeParams(decoder="expert", max_new_tokens=8, ignore_eos=True)
-    before = peak_mb()
+    before = peak_rss_mb()
     with torch.inference_mode():
         for _ in range(args.repeats):
             batch = RunningBatch(engine.runner)
@@ -58,7 +54,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             batch.drop(range(args.rows))
             print(f"{args.path}, {args.rows} x {args.tokens} tokens: prefill {seconds * 1e3:.0f} ms, "
-                  f"peak RSS {peak_mb():.0f} MB (before the first prefill {before:.0f} MB)")
+                  f"peak RSS {peak_rss_mb():.0f} MB (before the first prefill {before:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def peak_gpu_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,11 +119,11 @@ class ForwardClock:
         self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
 
     def _before(self, *_):
-        _sync(self._device)
+        sync(self._device)
         self._start = time.perf_counter()
 
     def _after(self, *_):
-        _sync(self._device)
+        sync(self._device)
         self.total += time.perf_counter() - self._start
         self.calls += 1
 
@@ -254,16 +254,16 @@ def decoder_cell(spec: dict) -> dict:
             runner.step()
         runner.finish()
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             runner.prefill(prompts)
-            _sync(device)
+            sync(device)
             prefill_ms.append((time.perf_counter() - t) * 1e3)
             for _ in range(new_tokens):
                 before, calls = (clock.total, clock.calls) if clock else (0.0, 0)
                 t = time.perf_counter()
                 runner.step()
-                _sync(device)
+                sync(device)
                 step_ms.append((time.perf_counter() - t) * 1e3)
                 body_ms.append((clock.total - before) * 1e3 if clock and clock.calls > calls else None)
             tokens = runner.tokens
@@ -297,10 +297,10 @@ def bandwidth_cell(spec: dict) -> dict:
     dst = torch.zeros_like(src)
     times = []
     for i in range(2 + spec.get("bandwidth_repeats", 7)):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         if i >= 2:  # two warm-up copies
             times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
@@ -401,10 +401,10 @@ def _time_calls(obj, name: str, device: torch.device) -> list[float]:
         return seconds
 
     def timed(*args, **kwargs):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         result = method(*args, **kwargs)
-        _sync(device)
+        sync(device)
         seconds.append(time.perf_counter() - t)
         return result
 
@@ -460,7 +460,7 @@ def e2e_cell(spec: dict) -> dict:
         engine.generate(questions[:2], params.with_(max_new_tokens=min(4, spec["new_tokens"])), chat=True)  # warm-up
     prefill = [] if greedy else _time_calls(engine.runner, "prefill", device)
     reset_peak_memory(device)
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     if greedy:
         lengths, reasons, amateur, steps = [], [], [None] * len(questions), 0
@@ -477,7 +477,7 @@ def e2e_cell(spec: dict) -> dict:
             reasons += [g.finish_reason for g in generations]
             amateur += [g.amateur_steps for g in generations]
             steps += max(len(g.token_ids) for g in generations)  # a static batch runs until its longest row ends
-    _sync(device)
+    sync(device)
     return {
         "decoder": spec["decoder"],
         "threads": threads,
